@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install system-deps demo test bench clean
+
+install: system-deps $(STAMP)
+
+# torch first, pinned: any later range it satisfies installs nothing more (no CUDA wheels pulled).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,postgres]'
+	touch $(STAMP)
+
+# DCMTK (storescu/storescp/dcm2pnm), dicom3tools (dciodvfy) and Orthanc, from Debian, when missing.
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	{ command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ]; } || missing="$$missing orthanc"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+demo: install
+	$(PY) -m dicomnode demo
+
+test: install
+	$(PY) -m pytest -q -ra
+
+# Full-size benchmarks (minutes); figures go to docs/benchmarks.md by hand after review.
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

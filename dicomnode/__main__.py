@@ -1,0 +1,3 @@
+from dicomnode.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Command line: serve | demo | send | register | fuse | train | metrics | bench | audit | check-config.
+
+Each command's work lives in the module named beside it; this file only parses arguments, so
+``dicomnode --help`` stays fast (heavy imports happen in the command that needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# command -> "module:function"; the function takes the parsed arguments and returns an exit code.
+COMMANDS = {
+    "serve": "dicomnode.node:serve_command",
+    "demo": "dicomnode.demo:demo_command",
+    "send": "dicomnode.net.scu:send_command",
+    "register": "dicomnode.imaging.commands:register_command",
+    "fuse": "dicomnode.fusion.commands:fuse_command",
+    "train": "dicomnode.fusion.training:train_command",
+    "metrics": "dicomnode.quality.commands:metrics_command",
+    "bench": "dicomnode.quality.bench:bench_command",
+    "audit": "dicomnode.audit.queries:audit_command",
+    "check-config": "dicomnode.node:check_config_command",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the node (SCP, completion timers, worker, sender)")
+    p.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
+
+    p = sub.add_parser("demo", help="end-to-end demo against a local Orthanc PACS")
+    p.add_argument("--workdir", type=Path, default=Path("var"), help="where the demo writes (default ./var)")
+    p.add_argument("--synthetic", action="store_true", help="use a generated study even if shared data exists")
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a peer")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ae", default="ANY-SCP", help="called AE title")
+    p.add_argument("--calling-ae", default="DICOMNODE")
+
+    p = sub.add_parser("register", help="register MOVING onto FIXED and write the transform")
+    p.add_argument("fixed", type=Path, help="DICOM series folder or NIfTI/MHA file")
+    p.add_argument("moving", type=Path, help="DICOM series folder or NIfTI/MHA file")
+    p.add_argument("--out", type=Path, required=True, help="transform file (.h5 / .tfm)")
+    p.add_argument("--stages", default="rigid,affine,deformable")
+    p.add_argument("--config", type=Path)
+
+    p = sub.add_parser("fuse", help="fuse two registered 2-D images, or a folder of pairs")
+    p.add_argument("inputs", nargs="*", type=Path, help="A B OUT")
+    p.add_argument("--pairs", type=Path, help="folder of <id>_<MOD>.png pairs")
+    p.add_argument("--out", type=Path, help="output folder with --pairs")
+    p.add_argument("--method", default=None, help="fusion method (default: the shipped network)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("train", help="train the fusion network from image pairs")
+    p.add_argument("--data", type=Path, action="append", help="folder of pairs (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("models"))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("metrics", help="fusion metrics of sources A, B and fused F")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("f", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="compare fusion methods on a data set with paired statistics")
+    p.add_argument("data", type=Path, nargs="+", help="folders of registered pairs")
+    p.add_argument("--methods", default=None, help="comma-separated (default: all)")
+    p.add_argument("--reference", default=None, help="method the others are tested against")
+    p.add_argument("--out", type=Path, default=Path("var/bench"))
+    p.add_argument("--limit", type=int, default=None, help="at most this many pairs per folder")
+    p.add_argument("--correction", default="holm", choices=["holm", "bonferroni"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("audit", help="recent jobs, series, sends and rejections")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--job", type=int, default=None, help="show one job with its events and metrics")
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

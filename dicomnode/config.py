@@ -1,0 +1,267 @@
+"""The node's configuration: one validated model of the TOML file; every default lives here.
+
+Each section is a pydantic model that forbids unknown keys, so a typo in the file is an error
+with its key path (``pairing.1.moving``), not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODALITIES = ("CT", "MR", "PT", "NM")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError("an AE title is 1-16 printable characters without backslash")
+    return value
+
+
+class AllowedCaller(_Section):
+    """A calling AE that may associate; ``host`` pins it to one peer address."""
+
+    ae_title: str
+    host: str | None = None
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class TLSConfig(_Section):
+    """TLS for the SCP; destinations opt in one by one with ``tls = true``."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        return self
+
+
+class NodeConfig(_Section):
+    """The listening application entity."""
+
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    max_pdu: int = Field(131072, ge=0, description="bytes; 0 = unlimited")
+    tcp_nodelay: bool = True
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_associations: int = Field(10, ge=1)
+    # Empty: any calling AE is accepted. Otherwise unknown callers are rejected at association.
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Destination(_Section):
+    """A peer the node sends derived series to by C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class StorageConfig(_Section):
+    spool_dir: Path = Path("var/spool")
+    database_url: str = "sqlite:///var/dicomnode.db"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
+            raise ValueError("database_url must be sqlite:///PATH or postgresql+psycopg://...")
+        return value
+
+
+class CompletionConfig(_Section):
+    """When a series counts as complete."""
+
+    stable_age_s: float = Field(30.0, gt=0, description="no new instance for this long")
+    check_interval_s: float = Field(5.0, gt=0)
+    # Complete early once the expected count (e.g. NumberOfSlices of PET/NM) has arrived.
+    use_expected_count: bool = True
+
+
+class PairingRule(_Section):
+    """Which series are fused onto which: ``moving`` is resampled onto ``fixed``'s grid."""
+
+    name: str = ""
+    fixed: Literal["CT", "MR", "PT", "NM"]
+    moving: Literal["CT", "MR", "PT", "NM"]
+    # "study": same StudyInstanceUID. "patient": same PatientID within max_days.
+    match: Literal["study", "patient"] = "study"
+    max_days: int = Field(0, ge=0)
+    # Fusion method for this rule; None = fusion.default_method.
+    method: str | None = None
+    # Destination names; empty = the destination whose AE title is the fixed series' sender.
+    destinations: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PairingRule:
+        if self.fixed == self.moving:
+            raise ValueError("fixed and moving must be different modalities")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.moving}->{self.fixed}"
+
+
+def _default_rules() -> tuple[PairingRule, ...]:
+    return (
+        PairingRule(fixed="CT", moving="PT"),
+        PairingRule(fixed="MR", moving="NM"),
+        PairingRule(fixed="CT", moving="NM"),
+    )
+
+
+class RegistrationConfig(_Section):
+    """Alignment of moving onto fixed (see dicomnode.imaging.register)."""
+
+    # auto: resample only when both series share a FrameOfReferenceUID; always: register anyway.
+    mode: Literal["auto", "always", "never"] = "auto"
+    stages: tuple[Literal["rigid", "affine", "deformable"], ...] = ("rigid", "affine", "deformable")
+
+
+class FusionConfig(_Section):
+    """Intensity preparation and fusion (see dicomnode.fusion)."""
+
+    default_method: str = "alpha"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
+    colormap: str = "hot"
+    weights: Path = Path("models/fusion_net.pt")
+    batch_size: int = Field(16, ge=1)
+
+
+class QualityConfig(_Section):
+    """Fusion metrics computed per fused series (see dicomnode.quality)."""
+
+    metrics: tuple[str, ...] = ("EN", "MI", "SSIM", "Qabf", "VIF")
+    # Minimum per-series values; a series under any of them is flagged in the audit log.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class ProcessingConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SendingConfig(_Section):
+    """C-STORE SCU retries: delay = min(initial_delay_s * backoff**attempt, max_delay_s)."""
+
+    max_attempts: int = Field(6, ge=1)
+    initial_delay_s: float = Field(5.0, ge=0)
+    max_delay_s: float = Field(600.0, ge=0)
+    backoff: float = Field(2.0, ge=1.0)
+    connect_timeout_s: float = Field(15.0, gt=0)
+
+
+class RetentionConfig(_Section):
+    """How long spooled instances and outputs are kept after their job ended; 0 = forever."""
+
+    spool_days: int = Field(7, ge=0)
+    audit_days: int = Field(0, ge=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["kv", "json"] = "kv"
+
+
+class Config(_Section):
+    """The whole node configuration."""
+
+    node: NodeConfig = NodeConfig()
+    tls: TLSConfig = TLSConfig()
+    destinations: tuple[Destination, ...] = ()
+    storage: StorageConfig = StorageConfig()
+    completion: CompletionConfig = CompletionConfig()
+    pairing: tuple[PairingRule, ...] = Field(default_factory=_default_rules)
+    registration: RegistrationConfig = RegistrationConfig()
+    fusion: FusionConfig = FusionConfig()
+    quality: QualityConfig = QualityConfig()
+    processing: ProcessingConfig = ProcessingConfig()
+    sending: SendingConfig = SendingConfig()
+    retention: RetentionConfig = RetentionConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _rule_destinations_exist(self) -> Config:
+        names = {d.name for d in self.destinations}
+        if len(names) != len(self.destinations):
+            raise ValueError("destination names must be unique")
+        for rule in self.pairing:
+            unknown = set(rule.destinations) - names
+            if unknown:
+                raise ValueError(f"pairing rule {rule.label} names unknown destinations {sorted(unknown)}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def destination_for_ae(self, ae_title: str) -> Destination | None:
+        """The configured destination whose AE title is ``ae_title`` (the default return path)."""
+        return next((d for d in self.destinations if d.ae_title == ae_title), None)
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; ``problems`` lists ``key.path: message`` lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> Config:
+    """Read and validate a TOML file (None: the embedded defaults), then apply ``overrides``."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(source, [str(exc)]) from exc
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from exc
+
+
+def _describe(err: dict) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    return f"{path}: {err['msg']}"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Heat-map series (uint16 Parametric Map with a Real World Value Mapping, highdicom)."""

@@ -1,0 +1,1 @@
+"""The fused series: one RGB Secondary Capture instance per fixed slice (highdicom)."""
