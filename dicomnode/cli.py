@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1200; --epochs overrides)")
+    p.add_argument("--batch", type=int, default=None, help="crops per step (default 8)")
+    p.add_argument("--crop", type=int, default=None, help="crop size in pixels (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    p.add_argument("--no-eval", action="store_true", help="skip the metric table of the model card")
 
     p = sub.add_parser("metrics", help="fusion metrics of sources A, B and fused F")
     p.add_argument("a", type=Path)
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("var/bench"))
     p.add_argument("--limit", type=int, default=None, help="at most this many pairs per folder")
     p.add_argument("--correction", default="holm", choices=["holm", "bonferroni"])
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("audit", help="recent jobs, series, sends and rejections")

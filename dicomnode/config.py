@@ -141,6 +141,35 @@ class RegistrationConfig(_Section):
     # auto: resample only when both series share a FrameOfReferenceUID; always: register anyway.
     mode: Literal["auto", "always", "never"] = "auto"
     stages: tuple[Literal["rigid", "affine", "deformable"], ...] = ("rigid", "affine", "deformable")
+    # Start: "auto" keeps the best held-out metric of identity / geometry centres / intensity moments.
+    initialization: Literal["auto", "identity", "geometry", "moments"] = "auto"
+    # CT is clamped to this HU window before mutual information (bone/air would swamp the histogram).
+    ct_window_hu: tuple[float, float] = (-160.0, 240.0)
+    histogram_bins: int = Field(32, ge=8, le=256)
+    # Pyramid voxel sizes (mm) per stage, coarse to fine; never finer than the images themselves.
+    rigid_levels_mm: tuple[float, ...] = (8.0, 4.0)
+    affine_levels_mm: tuple[float, ...] = (4.0, 2.0)
+    deformable_levels_mm: tuple[float, ...] = (4.0, 2.0)
+    # Random metric samples per pyramid level (cost is per sample, not per voxel).
+    samples_per_level: int = Field(20000, ge=1000)
+    deformable_samples_per_level: int = Field(12000, ge=1000)
+    # Optimiser iterations per pyramid level (rigid/affine: regular-step descent; deformable: L-BFGS-B).
+    rigid_iterations: int = Field(100, ge=1)
+    affine_iterations: int = Field(100, ge=1)
+    deformable_iterations: int = Field(40, ge=1)
+    # B-spline control point spacing (mm); PET/NM moving images use at least 8x their voxel size.
+    bspline_spacing_mm: float = Field(40.0, gt=0)
+    # Bound on each B-spline coefficient (mm): MI rewards wild warps of flat regions otherwise.
+    bspline_max_displacement_mm: float = Field(8.0, gt=0)
+    # Held-out check: samples, and the least relative metric gain for a stage to be kept.
+    heldout_samples: int = Field(40000, ge=1000)
+    min_improvement: float = Field(0.0, ge=0.0)
+    # Refuse (RegistrationFailed) below these: overlapping fixed-mask voxels, slices per volume.
+    min_overlap_voxels: int = Field(2000, ge=1)
+    min_slices: int = Field(4, ge=2)
+    # Worker threads for SimpleITK; 0 = all cores.
+    threads: int = Field(0, ge=0)
+    seed: int = 1
 
 
 class FusionConfig(_Section):
@@ -148,17 +177,49 @@ class FusionConfig(_Section):
 
     default_method: str = "alpha"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
+    # Colour map for functional (PT/NM) images: hot | jet | pet | gray.
     colormap: str = "hot"
+    # Relative paths are tried from the working directory, then from the installed project root.
     weights: Path = Path("models/fusion_net.pt")
     batch_size: int = Field(16, ge=1)
+    # CT windows (center, width) in HU; the brain window applies to head body parts.
+    ct_window: tuple[float, float] = (40.0, 400.0)
+    ct_brain_window: tuple[float, float] = (40.0, 80.0)
+    # MR and NM: robust percentiles (low, high) of the non-zero voxels mapped to 0 and 1.
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    nm_percentiles: tuple[float, float] = (0.0, 99.5)
+    # PET in SUV: fixed upper bound (None: use pet_percentile); other units always use the percentile.
+    pet_suv_max: float | None = Field(10.0, gt=0)
+    pet_percentile: float = Field(99.5, gt=0, le=100)
+    # Moving-signal threshold of the alpha overlay, as a fraction of the prepared range.
+    alpha_threshold: float = Field(0.02, ge=0.0, lt=1.0)
+    # Also compute the Grad-CAM saliency map (network method; costs one backward pass per batch).
+    saliency: bool = True
 
 
 class QualityConfig(_Section):
     """Fusion metrics computed per fused series (see dicomnode.quality)."""
 
     metrics: tuple[str, ...] = ("EN", "MI", "SSIM", "Qabf", "VIF")
-    # Minimum per-series values; a series under any of them is flagged in the audit log.
+    # Per-series limits; a series worse than any of them is flagged in the audit log. A limit is a
+    # minimum for higher-is-better metrics and a maximum for MSE and Qcv (dicomnode.quality.names).
     thresholds: dict[str, float] = Field(default_factory=dict)
+    # Round the fused image half away from zero to 8 bits before scoring (the published convention).
+    round_fused: bool = True
+    # DFRS feature mask for PET: voxels with SUV at or above this value (g/ml).
+    suv_threshold: float = Field(2.5, gt=0)
+    # DFRS feature mask for other functional images: at or above this fraction of the moving range.
+    feature_threshold: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("metrics", "thresholds")
+    @classmethod
+    def _known_metrics(cls, value):
+        from dicomnode.quality.names import METRIC_NAMES
+
+        unknown = sorted(set(value) - set(METRIC_NAMES))
+        if unknown:
+            raise ValueError(f"unknown metric names {unknown}; known: {', '.join(METRIC_NAMES)}")
+        return value
 
 
 class ProcessingConfig(_Section):

@@ -1,10 +1,28 @@
-"""The fusion interface every method sits behind."""
+"""The fusion interface every method sits behind, and the registry of methods.
+
+``fuse(fixed, moving, method)`` takes slices already resampled onto the fixed grid and prepared
+to [0, 1] (``dicomnode.fusion.prepare``). A colour (RGB) moving image, or a grey functional one
+given a colour map, is fused on luminance: RGB -> YCbCr, fuse Y with the fixed image, keep the
+moving chroma, back to RGB. Slices are processed in batches; no statistic crosses slices, so the
+result does not depend on the batch size.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from dicomnode.fusion import classical
+from dicomnode.fusion.color import colorize, is_grey, rgb_to_ycbcr, ycbcr_to_rgb
+
+log = logging.getLogger(__name__)
+
+NETWORK = "network"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -22,6 +40,136 @@ class FusionResult:
     method: str
 
 
-def fuse(fixed: torch.Tensor, moving: torch.Tensor, method: str, device: str = "auto") -> FusionResult:
+class UnknownMethod(ValueError):
+    """A fusion method name that is not in the registry."""
+
+
+# A method maps grey (N,1,H,W) fixed and moving luminance to (fused Y, contribution, saliency|None).
+GreyMethod = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
+
+_DESCRIPTIONS = {
+    "average": "weighted average, w = 0.5",
+    "maxabs": "per-pixel max-abs selection",
+    "pca": "PCA-weighted average",
+    "laplacian": "Laplacian pyramid, max-abs details",
+    "dwt": "Haar DWT, averaged approximation, max-abs details",
+    "gff": "guided-filter fusion (Li et al. 2013)",
+    "alpha": "the node's overlay: colour-mapped moving over grey fixed, alpha where it has signal",
+    NETWORK: "the trained attention fusion network (models/fusion_net.pt)",
+}
+
+
+def available_methods() -> dict[str, str]:
+    """Method name -> one-line description."""
+    return dict(_DESCRIPTIONS)
+
+
+def resolve_weights(path: Path) -> Path:
+    """A relative weights path is tried from the working directory, then from the project root."""
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = PROJECT_ROOT / path
+    return candidate if candidate.exists() else path
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("fusion device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def check_method_available(name: str, fusion_config=None) -> None:
+    """Raise UnknownMethod / WeightsError when ``name`` cannot run with this configuration."""
+    if name not in _DESCRIPTIONS:
+        raise UnknownMethod(f"unknown fusion method {name!r}; available: {', '.join(sorted(_DESCRIPTIONS))}")
+    if name == NETWORK:
+        from dicomnode.fusion.network import load_model
+
+        load_model(resolve_weights(_config(fusion_config).weights), "cpu")
+
+
+def _config(fusion_config):
+    if fusion_config is None:
+        from dicomnode.config import FusionConfig
+
+        return FusionConfig()
+    return fusion_config
+
+
+def get_method(name: str, fusion_config=None, device: str | torch.device = "cpu") -> GreyMethod:
+    """The grey-level fusion function for ``name`` (the network is loaded onto ``device``)."""
+    cfg = _config(fusion_config)
+    simple: dict[str, Callable] = {
+        "average": classical.average,
+        "maxabs": classical.max_abs,
+        "pca": classical.pca_weighted,
+        "laplacian": classical.laplacian_pyramid,
+        "dwt": classical.dwt,
+        "gff": classical.gff,
+    }
+    if name in simple:
+        fn = simple[name]
+        return lambda a, b: (*fn(a, b), None)
+    if name == "alpha":
+        return lambda a, b: (*classical.alpha_blend(a, b, cfg.alpha, cfg.alpha_threshold), None)
+    if name == NETWORK:
+        from dicomnode.fusion.explain import network_method
+        from dicomnode.fusion.network import load_model
+
+        model = load_model(resolve_weights(cfg.weights), resolve_device(device))
+        return network_method(model, saliency=cfg.saliency)
+    raise UnknownMethod(f"unknown fusion method {name!r}; available: {', '.join(sorted(_DESCRIPTIONS))}")
+
+
+class FusionEngine:
+    """One method bound to a device and configuration; reuse it for many batches."""
+
+    def __init__(self, method: str, fusion_config=None, device: str | torch.device = "auto"):
+        self.config = _config(fusion_config)
+        self.method = method
+        self.device = resolve_device(device)
+        self._grey = get_method(method, self.config, self.device)
+
+    def fuse(self, fixed: torch.Tensor, moving: torch.Tensor, colormap: str | None = None) -> FusionResult:
+        """fixed: (N,1,H,W) grey in [0,1]; moving: (N,1,H,W) grey or (N,3,H,W) RGB.
+
+        ``colormap``: colour-map a grey moving image first (functional modalities).
+        """
+        if fixed.ndim != 4 or fixed.shape[1] != 1:
+            raise ValueError(f"fixed must be (N, 1, H, W), got {tuple(fixed.shape)}")
+        if moving.ndim != 4 or moving.shape[1] not in (1, 3) or moving.shape[0] != fixed.shape[0] or moving.shape[-2:] != fixed.shape[-2:]:
+            raise ValueError(f"moving {tuple(moving.shape)} does not match fixed {tuple(fixed.shape)}")
+        parts = [self._fuse_batch(fixed[i : i + self.config.batch_size], moving[i : i + self.config.batch_size], colormap)
+                 for i in range(0, fixed.shape[0], self.config.batch_size)]
+        saliency = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        return FusionResult(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), saliency, self.method)
+
+    def _fuse_batch(self, fixed: torch.Tensor, moving: torch.Tensor, colormap: str | None):
+        fixed = fixed.to(self.device, torch.float32)
+        moving = moving.to(self.device, torch.float32)
+        if moving.shape[1] == 3 and is_grey(moving):
+            moving = moving.mean(dim=1, keepdim=True)
+        if moving.shape[1] == 1 and colormap:
+            moving = colorize(moving[:, 0], colormap)
+        if self.method == "alpha":
+            # The overlay blends in RGB: colour-mapped moving over the grey fixed image.
+            base = fixed.expand(-1, moving.shape[1], -1, -1)
+            fused, contribution, saliency = self._grey(base, moving)
+            return fused.cpu(), contribution.cpu(), saliency
+        if moving.shape[1] == 1:
+            fused, contribution, saliency = self._grey(fixed, moving)
+            return fused.clamp(0, 1).cpu(), contribution.cpu(), None if saliency is None else saliency.cpu()
+        ycc = rgb_to_ycbcr(moving)
+        fused_y, contribution, saliency = self._grey(fixed, ycc[:, :1])
+        fused = ycbcr_to_rgb(torch.cat([fused_y, ycc[:, 1:]], dim=1)).clamp(0, 1)
+        return fused.cpu(), contribution.cpu(), None if saliency is None else saliency.cpu()
+
+
+def fuse(fixed: torch.Tensor, moving: torch.Tensor, method: str, device: str = "auto",
+         fusion_config=None, colormap: str | None = None) -> FusionResult:
     """Fuse batches of slices. fixed: (N,1,H,W) grey in [0,1]; moving: (N,1,H,W) grey or (N,3,H,W) RGB."""
-    raise NotImplementedError
+    return FusionEngine(method, fusion_config, device).fuse(fixed, moving, colormap)

@@ -8,6 +8,19 @@ import SimpleITK as sitk
 from dicomnode.imaging.volume import Volume
 
 
+def resample_image(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+                   default: float = 0.0) -> sitk.Image:
+    """``moving`` on ``fixed``'s grid (linear, float32); ``transform`` maps fixed LPS points to moving ones."""
+    transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    return sitk.Resample(moving, fixed, transform, sitk.sitkLinear, float(default), sitk.sitkFloat32)
+
+
 def resample_onto(fixed: Volume, moving: Volume, transform: sitk.Transform | None = None) -> np.ndarray:
-    """Moving intensities on the fixed grid, linear interpolation, float32, array order (z, y, x)."""
-    raise NotImplementedError
+    """Moving intensities on the fixed grid, linear interpolation, float32, array order (z, y, x).
+
+    Fixed voxels that map outside the moving volume get the moving image's minimum (its background:
+    0 for PET/MR, air for CT), so no artificial edge appears at the moving field-of-view border.
+    """
+    background = float(sitk.GetArrayViewFromImage(moving.image).min())
+    out = resample_image(fixed.image, moving.image, transform, background)
+    return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)

@@ -1,13 +1,31 @@
-"""DICOM series -> a 3-D volume in LPS patient space (SimpleITK image, float32)."""
+"""DICOM series -> a 3-D volume in LPS patient space (SimpleITK image, float32).
+
+Slices are ordered by their position along the slice normal (ImagePositionPatient projected on
+row x column direction), never by InstanceNumber. Multi-frame (Enhanced) objects contribute one
+slice per frame, with geometry from the per-frame / shared functional groups.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+# Relative and absolute tolerance on slice spacing: scanners write positions with rounding.
+_SPACING_RTOL = 0.01
+_SPACING_ATOL = 1e-3
+# Functional-group sequences that are replaced by plain attributes in synthesised frame headers.
+_FRAME_GROUPS = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData",
+                 "NumberOfFrames", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class VolumeError(Exception):
@@ -20,18 +38,275 @@ class Volume:
 
     ``image``: float32, origin/spacing/direction in LPS mm, index order (x=column, y=row,
     z=slice along the slice normal, increasing). ``headers``: one pixel-less dataset per z slice
-    (in z order) for output builders that need per-slice references and geometry.
+    (in z order) for output builders that need per-slice references and geometry. For a
+    multi-frame source a header is synthesised per frame: the object's top-level attributes plus
+    ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness and
+    RescaleSlope/Intercept from its functional groups; its SOPInstanceUID stays that of the
+    multi-frame object and ReferencedFrameNumber (0008,1160) holds the 1-based frame number.
+
+    ``units``: "HU" (CT), "SUVbw" (PET converted, or stored as GML = SUV body weight),
+    "BQML" (PET kept in Bq/ml, reason in ``units_note``), the DICOM Units value for other PET/NM
+    units, "" for MR and unknown.
     """
 
     image: sitk.Image
     modality: str
-    units: str  # "HU", "SUVbw", "BQML", "" for MR and unknown
+    units: str
     study_uid: str
     series_uid: str
     frame_of_reference_uid: str
     headers: list[Dataset] = field(default_factory=list)
+    units_note: str = ""  # why PET stayed in Bq/ml, or how SUV was obtained
+    suv_factor: float | None = None  # SUVbw = stored Bq/ml value * suv_factor (g/Bq)
+
+    @property
+    def array(self) -> np.ndarray:
+        """Voxel values as a float32 array, index order (z, y, x)."""
+        return sitk.GetArrayViewFromImage(self.image)
+
+
+@dataclass
+class _Slice:
+    header: Dataset
+    pixels: np.ndarray  # (rows, cols), rescaled, float32
+    position: np.ndarray  # ImagePositionPatient, mm
+    orientation: np.ndarray  # ImageOrientationPatient (6,)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
 
 
 def load_series(paths: Sequence[Path]) -> Volume:
-    """Read the instances of one series and build its volume (see Volume)."""
-    raise NotImplementedError
+    """Read the instances of one series and build its volume (see Volume).
+
+    ``paths`` may name files or folders (searched recursively); non-image objects (RTSTRUCT,
+    presentation states) are ignored. Raises VolumeError with a message for an administrator.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    datasets = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+        except (pydicom.errors.InvalidDicomError, OSError) as exc:
+            log.debug("event=skip_file file=%s reason=%s", f, exc)
+            continue
+        if "PixelData" in ds:
+            datasets.append(ds)
+    return volume_from_datasets(datasets)
+
+
+def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
+    """Build a volume from image datasets of one series (pixel data is dropped from them)."""
+    if not datasets:
+        raise VolumeError("no image instances in the series")
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise VolumeError(f"instances of {len(series)} different series were given as one series")
+    slices: list[_Slice] = []
+    for ds in datasets:
+        slices.extend(_frames(ds) if int(ds.get("NumberOfFrames", 1) or 1) > 1 or
+                      "PerFrameFunctionalGroupsSequence" in ds else [_single(ds)])
+    image, ordered = _stack(slices)
+    first = datasets[0]
+    modality = str(first.get("Modality", ""))
+    units, note, factor = _units(first, modality)
+    if factor is not None:
+        image = image * factor
+    vol = Volume(
+        image=sitk.Cast(image, sitk.sitkFloat32),
+        modality=modality,
+        units=units,
+        study_uid=str(first.get("StudyInstanceUID", "")),
+        series_uid=str(first.get("SeriesInstanceUID", "")),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        headers=[s.header for s in ordered],
+        units_note=note,
+        suv_factor=factor,
+    )
+    log.info("event=volume_loaded modality=%s size=%s spacing_mm=%s units=%s", modality,
+             "x".join(map(str, image.GetSize())), ",".join(f"{v:.3g}" for v in image.GetSpacing()), units)
+    return vol
+
+
+def load_image_file(path: Path) -> Volume:
+    """A NIfTI/MHA/NRRD file as a Volume (SimpleITK converts to LPS); no DICOM headers."""
+    try:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise VolumeError(f"cannot read image file {path.name}: {exc}") from exc
+    if image.GetDimension() != 3:
+        raise VolumeError(f"{path.name} is {image.GetDimension()}-D; a 3-D volume is needed")
+    return Volume(image=image, modality="", units="", study_uid="", series_uid="", frame_of_reference_uid="")
+
+
+def load_volume(path: Path) -> Volume:
+    """A DICOM series folder / file, or a NIfTI/MHA file (by extension)."""
+    path = Path(path)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
+        return load_image_file(path)
+    return load_series([path])
+
+
+def _rescaled(pixels: np.ndarray, slope, intercept) -> np.ndarray:
+    out = pixels.astype(np.float32)
+    slope = float(slope) if slope not in (None, "") else 1.0
+    intercept = float(intercept) if intercept not in (None, "") else 0.0
+    if slope != 1.0 or intercept != 0.0:
+        out = out * np.float32(slope) + np.float32(intercept)
+    return out
+
+
+def _single(ds: Dataset) -> _Slice:
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if key not in ds:
+            raise VolumeError(f"instance {ds.get('InstanceNumber', '?')} has no {key}")
+    pixels = _rescaled(ds.pixel_array, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    if pixels.ndim != 2:
+        raise VolumeError(f"instance has pixel data of shape {pixels.shape}; colour images are not volumes")
+    del ds.PixelData  # the dataset becomes the slice's pixel-less header
+    return _Slice(ds, pixels, np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
+                  (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])))
+
+
+def _group(ds: Dataset, frame: Dataset | None, seq: str) -> Dataset | None:
+    """A functional group item, per-frame first, then shared."""
+    for source in (frame, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        if source is not None and seq in source and len(source[seq].value):
+            return source[seq].value[0]
+    return None
+
+
+def _frames(ds: Dataset) -> list[_Slice]:
+    pixels = ds.pixel_array
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = pixels.reshape((n,) + pixels.shape[-2:]) if pixels.ndim >= 2 else pixels
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
+    top = Dataset()
+    for elem in ds:
+        if elem.keyword not in _FRAME_GROUPS:
+            top.add(elem)
+    out = []
+    for i in range(n):
+        frame = per_frame[i] if i < len(per_frame) else None
+        pos = _group(ds, frame, "PlanePositionSequence")
+        ori = _group(ds, frame, "PlaneOrientationSequence")
+        meas = _group(ds, frame, "PixelMeasuresSequence")
+        rescale = _group(ds, frame, "PixelValueTransformationSequence")
+        if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
+            raise VolumeError(f"frame {i + 1} of a multi-frame object has no plane position, orientation or "
+                              "pixel spacing in its functional groups")
+        header = Dataset()
+        header.update(top)
+        header.file_meta = getattr(ds, "file_meta", Dataset())
+        header.ImagePositionPatient = list(pos.ImagePositionPatient)
+        header.ImageOrientationPatient = list(ori.ImageOrientationPatient)
+        header.PixelSpacing = list(meas.PixelSpacing)
+        if "SliceThickness" in meas:
+            header.SliceThickness = meas.SliceThickness
+        slope = rescale.get("RescaleSlope") if rescale is not None else ds.get("RescaleSlope")
+        intercept = rescale.get("RescaleIntercept") if rescale is not None else ds.get("RescaleIntercept")
+        if slope is not None:
+            header.RescaleSlope, header.RescaleIntercept = slope, intercept if intercept is not None else 0
+        header.ReferencedFrameNumber = i + 1
+        out.append(_Slice(header, _rescaled(pixels[i], slope, intercept), np.array(header.ImagePositionPatient, float),
+                          np.array(header.ImageOrientationPatient, float),
+                          (float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1]))))
+    return out
+
+
+def _stack(slices: list[_Slice]) -> tuple[sitk.Image, list[_Slice]]:
+    """Sort slices along the normal, check geometry, and stack them into an LPS image."""
+    ref = slices[0]
+    for s in slices[1:]:
+        if not np.allclose(s.orientation, ref.orientation, atol=1e-4):
+            raise VolumeError("slices have different ImageOrientationPatient (mixed or localizer images)")
+        if s.pixels.shape != ref.pixels.shape:
+            raise VolumeError(f"slices have different sizes {s.pixels.shape} and {ref.pixels.shape}")
+        if not np.allclose(s.pixel_spacing, ref.pixel_spacing, rtol=1e-4):
+            raise VolumeError("slices have different PixelSpacing")
+    row, col = ref.orientation[:3], ref.orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise VolumeError("ImageOrientationPatient is not two orthogonal unit vectors")
+    normal = np.cross(row, col)
+    ordered = sorted(slices, key=lambda s: float(s.position @ normal))
+    depth = np.array([s.position @ normal for s in ordered])
+    if len(ordered) > 1:
+        # Positions must lie on one line along the normal (no gantry tilt / shear).
+        in_plane = np.array([s.position - d * normal for s, d in zip(ordered, depth)])
+        if np.abs(in_plane - in_plane[0]).max() > 0.05 * min(ref.pixel_spacing) + 0.01:
+            raise VolumeError("slice positions do not line up along the slice normal (gantry tilt or sheared stack)")
+        steps = np.diff(depth)
+        if steps.min() <= _SPACING_ATOL:
+            raise VolumeError(f"two slices share the position {depth[int(np.argmin(steps))]:.2f} mm along the normal "
+                              "(duplicate instances or several stacks in one series)")
+        dz = float(np.median(steps))
+        bad = np.abs(steps - dz) > _SPACING_RTOL * dz + _SPACING_ATOL
+        if bad.any():
+            i = int(np.argmax(bad))
+            kind = "a gap (missing slice?)" if steps[i] > 1.5 * dz else "uneven slice spacing"
+            raise VolumeError(f"{kind}: {steps[i]:.3f} mm between slices at {depth[i]:.2f} and {depth[i + 1]:.2f} mm "
+                              f"along the normal, where {dz:.3f} mm is the usual spacing")
+    else:
+        h = ref.header
+        dz = float(h.get("SpacingBetweenSlices") or h.get("SliceThickness") or 1.0)
+    if not all(np.isfinite(v) and v > 0 for v in (*ref.pixel_spacing, dz)):
+        raise VolumeError(f"degenerate voxel spacing {ref.pixel_spacing} x {dz}")
+    image = sitk.GetImageFromArray(np.stack([s.pixels for s in ordered]))
+    image.SetSpacing((ref.pixel_spacing[1], ref.pixel_spacing[0], dz))  # PixelSpacing is (row, column)
+    image.SetOrigin(tuple(ordered[0].position))
+    image.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))
+    return image, ordered
+
+
+def _dicom_time(value) -> datetime | None:
+    text = str(value or "").strip()
+    if not text:
+        return None
+    hh, mm, ss = text[0:2], text[2:4] or "00", text[4:] or "00"
+    try:
+        return datetime(2000, 1, 1, int(hh), int(mm)) + timedelta(seconds=float(ss))
+    except ValueError:
+        return None
+
+
+def _units(ds: Dataset, modality: str) -> tuple[str, str, float | None]:
+    """(units, note, factor): factor multiplies stored values into the returned units."""
+    if modality == "CT":
+        return "HU", "", None
+    if modality not in ("PT", "NM"):
+        return "", "", None
+    stored = str(ds.get("Units", "")).upper()
+    if stored == "GML":
+        return "SUVbw", "stored as SUV body weight (Units GML)", None
+    if modality != "PT" or stored != "BQML":
+        return stored, "", None
+    try:
+        return "SUVbw", *_suv_bw(ds)
+    except VolumeError as exc:
+        log.info("event=suv_not_computed reason=%s", exc)
+        return "BQML", f"kept Bq/ml: {exc}", None
+
+
+def _suv_bw(ds: Dataset) -> tuple[str, float]:
+    """SUVbw factor (g/Bq) from dose, half life, injection time, weight and decay correction."""
+    info = (ds.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+    weight = float(ds.get("PatientWeight") or 0)
+    if info is None or weight <= 0:
+        raise VolumeError("no RadiopharmaceuticalInformationSequence or PatientWeight")
+    dose = float(info.get("RadionuclideTotalDose") or 0)
+    half_life = float(info.get("RadionuclideHalfLife") or 0)
+    if dose <= 0 or half_life <= 0:
+        raise VolumeError("RadionuclideTotalDose or RadionuclideHalfLife missing")
+    decay = str(ds.get("DecayCorrection", "")).upper()
+    if decay == "ADMIN":
+        return "dose at administration (DecayCorrection ADMIN)", weight * 1000.0 / dose
+    if decay != "START":
+        raise VolumeError(f"DecayCorrection {decay or 'absent'} is not START or ADMIN")
+    start = _dicom_time(str(info.get("RadiopharmaceuticalStartDateTime", ""))[8:]) or _dicom_time(
+        info.get("RadiopharmaceuticalStartTime"))
+    scan = _dicom_time(ds.get("SeriesTime")) or _dicom_time(ds.get("AcquisitionTime"))
+    if start is None or scan is None:
+        raise VolumeError("injection or series time missing")
+    elapsed = (scan - start).total_seconds() % 86400  # a scan after midnight
+    decayed = dose * 2.0 ** (-elapsed / half_life)
+    return f"dose decayed {elapsed:.0f} s to series start (DecayCorrection START)", weight * 1000.0 / decayed

@@ -1,0 +1,1 @@
+"""Alembic migrations of the audit schema; run programmatically by ``dicomnode.audit.db.upgrade``."""

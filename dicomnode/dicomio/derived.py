@@ -1,0 +1,205 @@
+"""What every derived series the node writes has in common: labels, references, geometry checks.
+
+References to the input images are built here, once, for both the Secondary Capture and the
+Parametric Map builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import highdicom
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from dicomnode import __version__
+from dicomnode.imaging.volume import Volume
+
+NOT_FOR_DIAGNOSIS = "NOT FOR PRIMARY DIAGNOSIS"
+MANUFACTURER = "dicomnode"
+_LO_MAX = 64
+_ST_MAX = 1024
+
+
+# Body parts dciodvfy treats as paired: Laterality (Type 2C) must then be present, empty when
+# unknown, and must be absent for unpaired parts. Absent BodyPartExamined also requires it.
+PAIRED_BODY_PARTS = frozenset(
+    "ACJOINT ADRENAL ANKLE ARM AXILLA BILEDUCT BREAST BRONCHUS BUTTOCK CALF CAROTID CLAVICLE EAR ELBOW "
+    "EXTREMITY EYE EYELID FEMUR FIBULA FINGER FOOT FOREARM HAND HEEL HIP HUMERUS IAC KIDNEY KNEE LEG LUNG "
+    "ORBIT OVARY PAROTID PATELLA RADIUS RIB SCAPULA SCJOINT SCLERA SCROTUM SHOULDER SIJOINT SUBMANDIBULAR "
+    "TESTIS THIGH THUMB TIBIA TMJ TOE ULNA UPRGITRACT WRIST ZYGOMA".split()
+)
+_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64}
+
+
+class EncodingError(ValueError):
+    """Inputs cannot be encoded as a derived DICOM series (shape, geometry or reference mismatch)."""
+
+
+def software_versions() -> list[str]:
+    return [f"dicomnode {__version__}", f"highdicom {highdicom.__version__}"]
+
+
+def derived_series_description(text: str) -> str:
+    """A SeriesDescription (LO, 64 chars) that always ends in the not-for-diagnosis warning."""
+    text = " ".join(text.replace("\\", "/").split())
+    if NOT_FOR_DIAGNOSIS in text.upper():
+        return text[:_LO_MAX]
+    suffix = f" - {NOT_FOR_DIAGNOSIS}"
+    return text[: _LO_MAX - len(suffix)].rstrip() + suffix
+
+
+def derivation_description(method: str, derivation: str) -> str:
+    """DerivationDescription (ST): what was done, with which method and software versions."""
+    parts = [derivation.strip(), f"method={method}" if method else "", *software_versions(),
+             NOT_FOR_DIAGNOSIS.lower()]
+    return "; ".join(p for p in parts if p)[:_ST_MAX]
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def purpose_source_image() -> Dataset:
+    return code_item("121322", "DCM", "Source image for image processing operation")
+
+
+def spatial_resampling() -> Dataset:
+    return code_item("113085", "DCM", "Spatial resampling")
+
+
+def source_image_item(header: Dataset) -> Dataset:
+    """One SourceImageSequence item naming ``header``'s instance as a processing source."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    if "ReferencedFrameNumber" in header:  # a frame of a multi-frame source
+        item.ReferencedFrameNumber = header.ReferencedFrameNumber
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose_source_image()])
+    return item
+
+
+def _instances(headers: Iterable[Dataset]) -> list[Dataset]:
+    seen, items = set(), []
+    for h in headers:
+        if h.SOPInstanceUID in seen:  # one multi-frame NM instance may stand for many slices
+            continue
+        seen.add(h.SOPInstanceUID)
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = h.SOPClassUID
+        ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
+        items.append(ref)
+    return items
+
+
+def _series_item(series_uid: str, headers: Iterable[Dataset]) -> Dataset:
+    item = Dataset()
+    item.SeriesInstanceUID = series_uid
+    item.ReferencedInstanceSequence = DicomSequence(_instances(headers))
+    return item
+
+
+def common_instance_references(study_uid: str, inputs: Sequence[tuple[Volume, Sequence[Dataset]]]) -> Dataset:
+    """Common Instance Reference module: the given headers of each input volume, grouped by series.
+
+    Inputs from another study (pairing by PatientID across studies) go under
+    StudiesContainingOtherReferencedInstancesSequence, as the module requires.
+    """
+    same: list[Dataset] = []
+    other: dict[str, list[Dataset]] = {}
+    for volume, headers in inputs:
+        item = _series_item(volume.series_uid, headers)
+        if volume.study_uid == study_uid:
+            same.append(item)
+        else:
+            other.setdefault(volume.study_uid, []).append(item)
+    module = Dataset()
+    module.ReferencedSeriesSequence = DicomSequence(same)
+    if other:
+        studies = []
+        for uid, items in other.items():
+            study = Dataset()
+            study.StudyInstanceUID = uid
+            study.ReferencedSeriesSequence = DicomSequence(items)
+            studies.append(study)
+        module.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(studies)
+    return module
+
+
+def check_fixed_geometry(fixed: Volume) -> tuple[int, int]:
+    """The fixed volume's (rows, columns); raises EncodingError when headers cannot place the slices."""
+    if not fixed.headers:
+        raise EncodingError(f"fixed series {fixed.series_uid} has no slice headers to derive from")
+    rows_cols = set()
+    for i, h in enumerate(fixed.headers):
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows",
+                               "Columns", "SOPInstanceUID", "SOPClassUID") if k not in h]
+        if missing:
+            raise EncodingError(f"fixed slice {i} of series {fixed.series_uid} lacks {', '.join(missing)}")
+        rows_cols.add((int(h.Rows), int(h.Columns)))
+    if len(rows_cols) != 1:
+        raise EncodingError(f"fixed series {fixed.series_uid} mixes image sizes {sorted(rows_cols)}")
+    size = fixed.image.GetSize()
+    (rows, cols), = rows_cols
+    if (size[0], size[1], size[2]) != (cols, rows, len(fixed.headers)):
+        raise EncodingError(
+            f"fixed image size {size} (x, y, z) disagrees with {len(fixed.headers)} headers of {rows}x{cols}"
+        )
+    return rows, cols
+
+
+def check_stack(array: np.ndarray, fixed: Volume, rows: int, cols: int, what: str, channels: int | None) -> None:
+    """An (N, rows, cols[, channels]) stack with one plane per fixed slice."""
+    expected = (len(fixed.headers), rows, cols) + ((channels,) if channels else ())
+    if array.shape != expected:
+        raise EncodingError(f"{what} has shape {array.shape}, expected {expected} (slices, rows, columns"
+                            f"{', channels' if channels else ''}) of the fixed grid")
+
+
+def copy_anatomy(target: Dataset, header: Dataset) -> None:
+    """BodyPartExamined and Laterality from the source, Laterality left empty where it is required but unknown."""
+    body_part = str(header.get("BodyPartExamined") or "").strip().upper()
+    laterality = str(header.get("Laterality") or "").strip()
+    if body_part:
+        target.BodyPartExamined = body_part
+    elif "BodyPartExamined" in target:
+        del target.BodyPartExamined
+    if laterality:
+        target.Laterality = laterality
+    elif not body_part or body_part in PAIRED_BODY_PARTS:
+        target.Laterality = ""
+    elif "Laterality" in target:
+        del target.Laterality
+
+
+def clip_copied_strings(ds: Dataset) -> list[str]:
+    """Truncate top-level short strings that exceed their VR's length (sources are not always valid).
+
+    Returns the keywords changed, so the caller can log them (values may identify the patient).
+    """
+    changed = []
+    for elem in ds:
+        limit = _MAX_LENGTH.get(elem.VR)
+        if limit is None or elem.value is None or elem.VM == 0:
+            continue
+        values = list(elem.value) if elem.VM > 1 else [elem.value]
+        clipped = [str(v)[:limit] for v in values]
+        if clipped != [str(v) for v in values]:
+            elem.value = clipped if elem.VM > 1 else clipped[0]
+            changed.append(elem.keyword)
+    return changed
+
+
+def patient_orientation(iop: Sequence[float]) -> tuple[str, str]:
+    """PatientOrientation letters (dominant axis) of the row and column directions; LPS."""
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+
+    def letter(vec: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(vec)))
+        return letters[axis][int(vec[axis] > 0)]
+
+    v = np.asarray([float(x) for x in iop])
+    return letter(v[:3]), letter(v[3:])

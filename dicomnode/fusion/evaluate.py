@@ -1,0 +1,127 @@
+"""Quality of the fusion methods on validation pairs, and the model card that reports it.
+
+Scored on luminance, 0..255, with ``dicomnode.quality.metrics.compute_metrics`` (its pinned
+conventions: F rounded to 8 bits, MI in bits, SSIM averaged and VIF summed over both sources).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicomnode.fusion.api import get_method
+from dicomnode.fusion.datasets import PairSample
+from dicomnode.fusion.explain import network_method
+from dicomnode.fusion.network import FusionNet
+
+log = logging.getLogger(__name__)
+
+TARGET_METRICS = ("Qabf", "VIF", "MI", "SSIM", "FMI_pixel")
+BASELINES = ("average", "maxabs", "pca", "laplacian", "dwt", "gff", "alpha")
+NETWORK = "network"
+
+
+def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
+                     metrics: tuple[str, ...] = TARGET_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {method: {metric: mean over the task's pairs}}}; the network when ``model`` is given."""
+    from dicomnode.quality.metrics import compute_metrics
+
+    runners = {name: get_method(name) for name in methods}
+    if model is not None:
+        runners[NETWORK] = network_method(model.eval(), saliency=False)
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for sample in samples:
+        a = torch.from_numpy(sample.fixed)[None, None]
+        b = torch.from_numpy(sample.moving)[None, None]
+        for name, run in runners.items():
+            with torch.no_grad():
+                fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
+            values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
+            scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
+    return {
+        task: {name: {m: float(np.nanmean([v[m] for v in rows])) for m in metrics} for name, rows in by_method.items()}
+        for task, by_method in scores.items()
+    }
+
+
+def wins(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[str]:
+    """Metrics on which ``candidate`` beats every other method of one task's table."""
+    if candidate not in table:
+        return []
+    others = [m for m in table if m != candidate]
+    return [k for k in table[candidate] if all(table[candidate][k] > table[o][k] for o in others)]
+
+
+def markdown_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = []
+    for task in sorted(table):
+        rows = table[task]
+        metrics = list(next(iter(rows.values())))
+        lines.append(f"**{task}** (network beats every baseline on: {', '.join(wins(rows)) or 'none'})\n")
+        lines.append("| method | " + " | ".join(metrics) + " |")
+        lines.append("|---|" + "---|" * len(metrics))
+        for name, values in rows.items():
+            best = {m: max(r[m] for r in rows.values()) for m in metrics}
+            cells = [(f"**{values[m]:.4f}**" if values[m] == best[m] else f"{values[m]:.4f}") for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_model_card(path: Path, summary: dict, table: dict | None) -> None:
+    """Write ``MODEL_CARD.md``: data, losses, hyper-parameters, metrics against the baselines, limits."""
+    settings = summary["settings"]
+    metrics_text = markdown_table(table) if table else "_not evaluated (run `benchmarks/fusion_quality.py`)_\n"
+    text = f"""# Model card: attention fusion network (`fusion_net.pt`)
+
+**Not for primary diagnosis.** The fused images are a reading aid next to the source series,
+which remain the reference.
+
+## Model
+Multi-scale attention fusion CNN (`dicomnode/fusion/network.py`, architecture tag
+`attention-fusion-v1`), {summary['parameters']:,} parameters: a shared encoder (image + Sobel edge
+prior) at 1/2, 1/4 and 1/8 scale with channel and spatial attention, cross-modal attention gates
+per scale, a decoder, and a full-resolution edge-aware refinement. It predicts a per-pixel
+weight map `w` (the moving image's share) and a small detail residual `d`:
+`F = (1 - w) A + w B + d`. Colour functional images are fused on BT.601 luminance (Y), their
+chroma kept.
+
+## Data
+AANLIB (Harvard Whole Brain Atlas) registered 2-D pairs, 256 x 256 (`../shared/data/aanlib`),
+luminance of PET/SPECT pseudo-colour, plus axial slice pairs (CT-PET, MR-PET, MR-CT) of one
+co-registered soft-tissue-sarcoma patient (STS_002; PET as SUV 0-10, hot colour map, luminance).
+- training pairs: {summary['train_pairs']} AANLIB + {summary['train_volume_slices']} 3-D slices
+- validation pairs: {summary['val_pairs']}, split **by case** (never seen in training):
+  `{json.dumps(summary['val_cases'])}`. CT-MRI and SPECT-MRI case 28 share their MRI, so it is
+  held out of both.
+
+## Training
+Unsupervised; loss = {settings['loss']['ssim']} x (1 - mean(SSIM(F,A), SSIM(F,B)))
++ {settings['loss']['gradient']} x L1(|Sobel F|, max(|Sobel A|, |Sobel B|))
++ {settings['loss']['intensity']} x L1(F, max(A, B)).
+Random {settings['crop']} x {settings['crop']} crops, batch {settings['batch']}, flips and 90-degree turns,
+fixed/moving swapped at random; AdamW (lr {settings['lr']}, weight decay {settings['weight_decay']}),
+100-step warm-up then cosine decay, {settings['steps']} steps, gradient clipping 1.0, seed {settings['seed']}.
+The state with the lowest validation loss (step {summary['best_step']}) is kept.
+Trained on {summary['device']} in {summary['train_seconds']} s (2 shared CPU cores).
+
+## Metrics on the validation cases
+Luminance, 0..255, `dicomnode.quality.metrics` conventions (F rounded to 8 bits, MI in bits,
+SSIM = mean of SSIM(A,F) and SSIM(B,F), VIF = VIFp(A,F) + VIFp(B,F), FMI on pixels). Means over
+the validation pairs; bold = best of the row's column.
+
+{metrics_text}
+## Limitations
+- Trained on few cases (brain atlas slices and one sarcoma patient); other anatomy, scanners and
+  intensity preparations are out of distribution. Check the per-series quality metrics.
+- Unsupervised losses reward edge transfer and source intensities, not diagnostic correctness:
+  the network can attenuate or hide a lesion of one modality where the other is brighter.
+- AANLIB PET/SPECT are 8-bit pseudo-colour renderings, not quantitative SUV.
+- Not validated clinically; not for primary diagnosis.
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

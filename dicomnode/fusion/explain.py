@@ -1,0 +1,49 @@
+"""Explanations of a fused slice: per-pixel modality contribution and a Grad-CAM style saliency map.
+
+Contribution (N, H, W) in [0, 1]: the share of the fused value attributable to the moving image.
+For the network, F = (1 - w) A + w B + d, so the moving share is w B / ((1 - w) A + w B) (the
+attention weight scaled by what each source brings); where both sources are dark it is w itself.
+Saliency (N, H, W) in [0, 1]: Grad-CAM on the fused bottleneck features, target = sum of the
+fused slice; normalised per slice by its maximum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dicomnode.fusion.network import FusionNet
+
+
+def weighted_contribution(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """Moving share from the weight map w (N,1,H,W) and the sources: w B / ((1 - w) A + w B)."""
+    part_b = weight * b
+    total = (1 - weight) * a + part_b
+    share = torch.where(total > floor, part_b / total.clamp_min(floor), weight)
+    return share[:, 0].clamp(0, 1)
+
+
+def grad_cam(features: torch.Tensor, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM: ReLU(sum_c mean(dT/dA_c) A_c), upsampled to ``size``, max-normalised per slice."""
+    grads = torch.autograd.grad(target, features, retain_graph=False)[0]
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    return (cam / peak).clamp(0, 1).detach()
+
+
+def network_method(model: FusionNet, saliency: bool = True):
+    """Wrap the network as a registry method: (a, b) -> (fused, contribution, saliency or None)."""
+
+    def run(a: torch.Tensor, b: torch.Tensor):
+        if not saliency:
+            with torch.inference_mode():
+                out = model(a, b)
+            return out.fused, weighted_contribution(out.weight, a, b), None
+        with torch.enable_grad():
+            out = model(a, b)
+            # Per-slice sums keep each slice's Grad-CAM independent of the others in the batch.
+            cam = grad_cam(out.features, out.fused.sum(), a.shape[-2:])
+        return out.fused.detach(), weighted_contribution(out.weight.detach(), a, b), cam
+
+    return run

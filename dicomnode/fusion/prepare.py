@@ -1,0 +1,80 @@
+"""Intensity preparation per modality: stored values -> [0, 1] before fusion.
+
+CT: a fixed window in HU (soft tissue, or brain for head body parts; configurable).
+MR: robust percentiles (low, high) of the non-zero voxels.
+PT: SUV with a fixed upper bound (default) or a percentile upper bound; other units by percentiles.
+NM: percentiles of the non-zero voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Body parts (DICOM BodyPartExamined, upper case) that get the brain window for CT.
+HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "HEADNECK"})
+
+
+class UnsupportedModality(ValueError):
+    """A modality the fusion engine cannot prepare (only CT, MR, PT, NM are supported)."""
+
+
+def _window(array: np.ndarray, center: float, width: float) -> np.ndarray:
+    low = center - width / 2
+    return np.clip((array - low) / max(width, 1e-6), 0.0, 1.0)
+
+
+def _percentile_range(array: np.ndarray, low_pct: float, high_pct: float) -> tuple[float, float]:
+    # Background (exact zeros, typical of MR/NM outside the body) would drag the low percentile.
+    values = array[np.isfinite(array)]
+    foreground = values[values != 0]
+    if foreground.size >= 16:
+        values = foreground
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [low_pct, high_pct])
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def _scale(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((array - low) / (high - low), 0.0, 1.0)
+
+
+def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fusion_config, body_part: str | None = None) -> np.ndarray:
+    """Map stored intensities (any shape, e.g. (z, y, x)) to float32 in [0, 1] for fusion.
+
+    ``units``: PET Units (``BQML``, ``CNTS``, ``GML`` for SUV body weight...); values are
+    taken as SUV when units is ``GML`` or ``SUV``. ``fusion_config`` is a ``FusionConfig``.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    modality = modality.upper()
+    cfg = fusion_config
+    if modality == "CT":
+        head = (body_part or "").upper().replace(" ", "") in HEAD_BODY_PARTS
+        center, width = cfg.ct_brain_window if head else cfg.ct_window
+        out = _window(array, center, width)
+        log.debug("event=prepare modality=CT center=%s width=%s", center, width)
+    elif modality == "MR":
+        out = _scale(array, *_percentile_range(array, *cfg.mr_percentiles))
+    elif modality == "PT":
+        is_suv = (units or "").upper() in {"GML", "SUV", "SUVBW", "G/ML"}
+        if is_suv and cfg.pet_suv_max is not None:
+            out = _scale(array, 0.0, float(cfg.pet_suv_max))
+        else:
+            out = _scale(array, 0.0, _percentile_range(array, 0.0, cfg.pet_percentile)[1])
+        log.debug("event=prepare modality=PT units=%s suv=%s", units, is_suv)
+    elif modality == "NM":
+        out = _scale(array, *_percentile_range(array, *cfg.nm_percentiles))
+    else:
+        raise UnsupportedModality(f"cannot prepare modality {modality!r} for fusion (supported: CT, MR, PT, NM)")
+    return out.astype(np.float32)
+
+
+def is_functional(modality: str) -> bool:
+    """PET and NM/SPECT are colour-mapped and fused on luminance."""
+    return modality.upper() in {"PT", "NM"}

@@ -1,0 +1,178 @@
+"""``dicomnode train``: train the attention fusion network on image pairs, unsupervised.
+
+Random crops of the training pairs (flips, 90-degree turns, fixed/moving swapped at random so
+the network does not learn which input is which), AdamW with cosine decay, validation on the
+held-out cases every few hundred steps; the best validation state is written with a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicomnode.fusion.datasets import VALIDATION_CASES, PairSample, load_training_data, split_by_case
+from dicomnode.fusion.losses import LossWeights, fusion_loss
+from dicomnode.fusion.network import FusionNet, parameter_count, save_weights
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ("aanlib/CT-MRI", "aanlib/PET-MRI", "aanlib/SPECT-MRI", "dicom/sts/STS_002")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1200
+    batch: int = 8
+    crop: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    val_every: int = 200
+    seed: int = 0
+    threads: int = 2
+    volume_share: float = 0.15  # fraction of each batch drawn from 3-D slices, when there are any
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    a_list, b_list = [], []
+    for idx in rng.integers(0, len(samples), count):
+        s = samples[idx]
+        a, b = s.fixed, s.moving
+        h, w = a.shape
+        if h < crop or w < crop:
+            pad = ((0, max(crop - h, 0)), (0, max(crop - w, 0)))
+            a, b = np.pad(a, pad), np.pad(b, pad)
+            h, w = a.shape
+        y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+        a, b = a[y : y + crop, x : x + crop], b[y : y + crop, x : x + crop]
+        k = int(rng.integers(0, 4))
+        a, b = np.rot90(a, k), np.rot90(b, k)
+        if rng.random() < 0.5:
+            a, b = a[:, ::-1], b[:, ::-1]
+        if rng.random() < 0.5:
+            a, b = b, a
+        a_list.append(np.ascontiguousarray(a))
+        b_list.append(np.ascontiguousarray(b))
+    return torch.from_numpy(np.stack(a_list))[:, None], torch.from_numpy(np.stack(b_list))[:, None]
+
+
+@torch.no_grad()
+def validation_loss(model: FusionNet, samples: list[PairSample], weights: LossWeights, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    by_shape: dict[tuple[int, int], list[PairSample]] = {}
+    for s in samples:
+        by_shape.setdefault(s.fixed.shape, []).append(s)
+    for group in by_shape.values():
+        for i in range(0, len(group), 16):
+            chunk = group[i : i + 16]
+            a = torch.from_numpy(np.stack([s.fixed for s in chunk]))[:, None].to(device)
+            b = torch.from_numpy(np.stack([s.moving for s in chunk]))[:, None].to(device)
+            total += float(fusion_loss(model(a, b).fused, a, b, weights)["total"]) * len(chunk)
+            count += len(chunk)
+    model.train()
+    return total / max(count, 1)
+
+
+def train(samples: list[PairSample], settings: TrainSettings, device: torch.device) -> tuple[FusionNet, dict]:
+    """Train from scratch; returns the best-validation model and a summary for the model card."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    train_set, val_set = split_by_case(samples)
+    if not train_set:
+        raise ValueError("no training pairs found (check --data folders)")
+    flat = [s for s in train_set if not s.task.endswith("-3D")]
+    volume = [s for s in train_set if s.task.endswith("-3D")]
+    model = FusionNet().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+    )
+    log.info("event=train_start params=%d train_pairs=%d val_pairs=%d volume_slices=%d steps=%d device=%s",
+             parameter_count(model), len(flat), len(val_set), len(volume), settings.steps, device)
+    best = (math.inf, None, 0)
+    history = []
+    start = time.perf_counter()
+    n_volume = int(round(settings.batch * settings.volume_share)) if volume else 0
+    for step in range(1, settings.steps + 1):
+        a, b = _crop_batch(flat or volume, settings.batch - n_volume, settings.crop, rng)
+        if n_volume:
+            va, vb = _crop_batch(volume, n_volume, settings.crop, rng)
+            a, b = torch.cat([a, va]), torch.cat([b, vb])
+        a, b = a.to(device), b.to(device)
+        terms = fusion_loss(model(a, b).fused, a, b, settings.loss)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % settings.val_every == 0 or step == settings.steps:
+            val = validation_loss(model, val_set[::2], settings.loss, device) if val_set else float(terms["total"].detach())
+            history.append((step, float(terms["total"].detach()), val))
+            if val < best[0]:
+                best = (val, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f val=%.4f best_step=%d elapsed_s=%.0f",
+                     step, values["total"], values["ssim"], values["gradient"], values["intensity"], val, best[2],
+                     time.perf_counter() - start)
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    model.eval()
+    summary = {
+        "parameters": parameter_count(model),
+        "train_pairs": len(flat),
+        "train_volume_slices": len(volume),
+        "val_pairs": len(val_set),
+        "val_cases": {k: list(v) for k, v in VALIDATION_CASES.items()},
+        "best_step": best[2],
+        "best_val_loss": best[0],
+        "train_seconds": round(time.perf_counter() - start),
+        "history": history,
+        "settings": {**{k: v for k, v in asdict(settings).items() if k != "loss"}, "loss": asdict(settings.loss)},
+        "device": str(device),
+    }
+    return model.cpu(), summary
+
+
+def train_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = TrainSettings(seed=args.seed)
+    for name in ("steps", "batch", "crop", "lr"):
+        if getattr(args, name, None) is not None:
+            setattr(settings, name, getattr(args, name))
+    torch.set_num_threads(settings.threads)
+    shared = REPO_ROOT.parent / "shared" / "data"
+    folders = list(args.data) if args.data else [shared / d for d in DEFAULT_DATA]
+    samples = load_training_data(folders)
+    if args.epochs is not None:
+        train_count = len(split_by_case(samples)[0])
+        settings.steps = max(1, math.ceil(args.epochs * train_count / settings.batch))
+    device = resolve_device(args.device)
+    model, summary = train(samples, settings, device)
+    out: Path = args.out
+    weights = out / "fusion_net.pt"
+    save_weights(model, weights, meta={k: v for k, v in summary.items() if k != "history"})
+    log.info("event=train_done weights=%s best_step=%d seconds=%d", weights, summary["best_step"], summary["train_seconds"])
+    from dicomnode.fusion.evaluate import evaluate_methods, write_model_card
+
+    _, val_set = split_by_case(samples)
+    table = evaluate_methods(val_set, model) if val_set and not getattr(args, "no_eval", False) else None
+    write_model_card(out / "MODEL_CARD.md", summary, table)
+    log.info("event=model_card path=%s", out / "MODEL_CARD.md")
+    return 0

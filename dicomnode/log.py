@@ -1,0 +1,98 @@
+"""Logging for journald: one line per event on stderr, ``key=value`` (default) or JSON.
+
+A line in ``kv`` format reads ``2024-05-01T12:00:00.123Z INFO dicomnode.net.scp event=stored
+series=1.2.3 size=524288``. Values with spaces, quotes or ``=`` are double-quoted. Patient
+identifiers are logged only at DEBUG (callers pass them only in DEBUG events).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from dicomnode.config import LoggingConfig
+
+# Marks the handler this module installs, so setup_logging can be called again (tests, demo).
+_HANDLER_NAME = "dicomnode-stderr"
+_FIELDS_ATTR = "dicomnode_fields"
+
+
+def format_value(value: Any) -> str:
+    """Render one value for a key=value line; quote when it would otherwise be ambiguous."""
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = ""
+    else:
+        text = str(value)
+    if text == "" or any(c in text for c in ' "=\t\n\\'):
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    return text
+
+
+def format_fields(event_name: str, fields: dict[str, Any]) -> str:
+    """``event=NAME key=value ...`` in the given field order."""
+    parts = [f"event={format_value(event_name)}"]
+    parts.extend(f"{key}={format_value(value)}" for key, value in fields.items())
+    return " ".join(parts)
+
+
+def event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event as a single ``event=NAME key=value ...`` line (structured fields kept for JSON)."""
+    if not logger.isEnabledFor(level):
+        return
+    logger.log(level, format_fields(event, fields), extra={_FIELDS_ATTR: {"event": event, **fields}}, stacklevel=2)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts level logger message``; exceptions are folded into one quoted ``exc=`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_info:
+            exc = self.formatException(record.exc_info)
+            line += f" exc={format_value(exc)}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, then the event's fields (or ``msg``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name}
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if fields:
+            out.update(fields)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(cfg: LoggingConfig) -> None:
+    """Send all logs to stderr in ``cfg.format`` at ``cfg.level``; idempotent."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(JsonFormatter() if cfg.format == "json" else KeyValueFormatter())
+    root.addHandler(handler)
+    root.setLevel(cfg.level)
+    # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless we debug the node.
+    logging.getLogger("pynetdicom").setLevel(logging.INFO if cfg.level == "DEBUG" else logging.WARNING)
+    # Alembic narrates every migration step at INFO; an upgrade is worth one line from us, not ten.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

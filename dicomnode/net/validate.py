@@ -1,0 +1,211 @@
+"""What the node accepts: storage SOP classes, transfer syntaxes, and the check of one instance.
+
+``check_instance`` turns a received dataset into ``InstanceInfo`` or raises ``RejectedInstance``
+with the DIMSE failure status to answer (PS3.4 B.2.3; never a warning status):
+
+- 0xA900 Error: Data Set does not match SOP Class (missing UIDs, no pixel data, wrong modality)
+- 0xC000 Error: Cannot understand (the data set cannot be parsed)
+- 0xC001 Error: Cannot understand (pixel data cannot be decoded or is shorter than declared)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom import uid as U
+from pydicom.pixels import get_decoder
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DB_UNAVAILABLE = 0xA701
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_UNDECODABLE_PIXELS = 0xC001
+
+# SOP class -> the Modality its IOD requires (None: any modality, e.g. Secondary Capture).
+STORAGE_SOP_CLASSES: dict[str, str | None] = {
+    U.CTImageStorage: "CT",
+    U.EnhancedCTImageStorage: "CT",
+    U.LegacyConvertedEnhancedCTImageStorage: "CT",
+    U.MRImageStorage: "MR",
+    U.EnhancedMRImageStorage: "MR",
+    U.EnhancedMRColorImageStorage: "MR",
+    U.LegacyConvertedEnhancedMRImageStorage: "MR",
+    U.PositronEmissionTomographyImageStorage: "PT",
+    U.EnhancedPETImageStorage: "PT",
+    U.LegacyConvertedEnhancedPETImageStorage: "PT",
+    U.NuclearMedicineImageStorage: "NM",
+    U.SecondaryCaptureImageStorage: None,
+    U.MultiFrameSingleBitSecondaryCaptureImageStorage: None,
+    U.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: None,
+    U.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: None,
+    U.MultiFrameTrueColorSecondaryCaptureImageStorage: None,
+}
+
+UNCOMPRESSED_SYNTAXES = (
+    U.ExplicitVRLittleEndian,
+    U.ImplicitVRLittleEndian,
+    U.DeflatedExplicitVRLittleEndian,
+    U.ExplicitVRBigEndian,
+)
+COMPRESSED_SYNTAXES = (
+    U.JPEGBaseline8Bit,
+    U.JPEGExtended12Bit,
+    U.JPEGLossless,
+    U.JPEGLosslessSV1,
+    U.JPEGLSLossless,
+    U.JPEGLSNearLossless,
+    U.JPEG2000Lossless,
+    U.JPEG2000,
+    U.HTJ2KLossless,
+    U.HTJ2KLosslessRPCL,
+    U.HTJ2K,
+    U.RLELossless,
+)
+REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def decodable(syntax: str) -> bool:
+    """True when an installed pydicom decoder plugin can decode pixel data in ``syntax``."""
+    try:
+        return get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Uncompressed syntaxes always; a compressed one only when its decoder is installed."""
+    return list(UNCOMPRESSED_SYNTAXES) + [s for s in COMPRESSED_SYNTAXES if decodable(s)]
+
+
+class RejectedInstance(Exception):
+    """An instance the node refuses; ``status`` is the DIMSE failure status answered to the sender."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"0x{status:04X} {reason}")
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """The attributes of a received instance the node records (no pixel data)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    modality: str
+    transfer_syntax_uid: str
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    study_date: str
+    frame_of_reference_uid: str
+    expected_count: int | None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def expected_instance_count(ds: Dataset, modality: str) -> int | None:
+    """Instances the series should hold, when the header says so (PET and NM only).
+
+    PET: NumberOfSlices (x NumberOfTimeSlices for dynamic series), one slice per instance.
+    NM: NumberOfSlices frames spread over instances of NumberOfFrames each (usually one).
+    """
+    slices = _int(ds, "NumberOfSlices")
+    if not slices or slices < 1:
+        return None
+    if modality == "PT":
+        return slices * max(1, _int(ds, "NumberOfTimeSlices") or 1)
+    if modality == "NM":
+        frames = max(1, _int(ds, "NumberOfFrames") or 1)
+        return max(1, -(-slices // frames))
+    return None
+
+
+def _check_pixels(ds: Dataset, syntax: str) -> None:
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, "no pixel data")
+    if keyword != "PixelData":
+        return
+    if syntax in COMPRESSED_SYNTAXES:
+        try:
+            ds.pixel_array  # decode once so we never store what we cannot read later
+        except Exception as exc:
+            raise RejectedInstance(STATUS_UNDECODABLE_PIXELS, f"pixel data cannot be decoded: {exc}") from exc
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"image pixel attributes missing or invalid: {exc}") from exc
+    needed = (rows * cols * samples * frames * bits + 7) // 8
+    length = len(ds.PixelData or b"")
+    if length < needed:
+        raise RejectedInstance(STATUS_UNDECODABLE_PIXELS, f"pixel data has {length} bytes, header needs {needed}")
+
+
+def check_instance(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, syntax: str) -> InstanceInfo:
+    """Validate one received dataset against its C-STORE request; raise ``RejectedInstance``.
+
+    ``sop_class_uid``/``sop_instance_uid``: Affected SOP Class/Instance UID of the request.
+    """
+    try:
+        missing = [k for k in (*REQUIRED_UIDS, "SOPClassUID", "Modality") if not _text(ds, k)]
+    except Exception as exc:  # pydicom parses lazily: a broken stream fails on first access
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
+    if "SOPClassUID" in missing and "SOPInstanceUID" in missing:
+        # Nothing that identifies an instance: the bytes are not a DICOM data set at all.
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "not a DICOM data set: no SOP Class or SOP Instance UID found")
+    if missing:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"missing required attributes: {','.join(missing)}")
+    too_long = [k for k in (*REQUIRED_UIDS, "SOPClassUID", "FrameOfReferenceUID") if len(_text(ds, k)) > 64]
+    if too_long:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"UIDs longer than 64 characters: {','.join(too_long)}")
+    if _text(ds, "SOPClassUID") != sop_class_uid:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"SOPClassUID {_text(ds, 'SOPClassUID')} differs from the request's {sop_class_uid}")
+    if _text(ds, "SOPInstanceUID") != sop_instance_uid:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
+    if sop_class_uid not in STORAGE_SOP_CLASSES:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"SOP class {sop_class_uid} is not supported")
+    modality = _text(ds, "Modality")
+    required = STORAGE_SOP_CLASSES[sop_class_uid]
+    if required is not None and modality != required:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, f"Modality {modality} does not match the SOP class (needs {required})")
+    try:
+        _check_pixels(ds, syntax)
+        return InstanceInfo(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            study_uid=_text(ds, "StudyInstanceUID"),
+            modality=modality[:16],
+            transfer_syntax_uid=syntax,
+            patient_id=_text(ds, "PatientID")[:64],
+            patient_name=_text(ds, "PatientName")[:324],
+            birth_date=_text(ds, "PatientBirthDate")[:8],
+            study_date=_text(ds, "StudyDate")[:8],
+            frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+            expected_count=expected_instance_count(ds, modality),
+        )
+    except RejectedInstance:
+        raise
+    except Exception as exc:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc

@@ -1,0 +1,300 @@
+"""Fusion quality metrics of sources A, B and fused F, per slice and per series.
+
+Conventions (defaults; each is an option of ``compute_metrics``): images on 0..255; F rounded half
+away from zero to 8 bits and clipped to 0..255 before scoring; colour images scored on BT.601
+luminance; MI in bits; SSIM and PSNR's MSE averaged over the two sources; VIF summed over them.
+The formula, parameters and direction of every metric are in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dicomnode.quality import basic, information, perceptual, structural
+from dicomnode.quality.fsim import fsim
+from dicomnode.quality.names import DEFAULT_SERIES_METRICS, DIRECTIONS, METRIC_NAMES
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "METRIC_NAMES",
+    "DEFAULT_SERIES_METRICS",
+    "MetricInfo",
+    "MetricOptions",
+    "SeriesQuality",
+    "MetricInputError",
+    "compute_metrics",
+    "score_series",
+    "to_luminance",
+    "round_half_away",
+    "threshold_failures",
+]
+
+
+class MetricInputError(ValueError):
+    """The images cannot be scored together (shape, dimensionality or an unknown metric name)."""
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """Conventions that published tables disagree on; the defaults are this project's pinned ones."""
+
+    round_fused: bool = True  # round F half away from zero to 0..255 integers before scoring
+    round_luma: bool = True  # colour inputs: BT.601 luma rounded to 8 bits (as stored in YCbCr)
+    mi_unit: str = "bits"  # "bits" or "nats" for MI
+    ssim_combine: str = "mean"  # "mean" or "sum" of SSIM(A,F) and SSIM(B,F)
+    psnr_peak: float | str = 255.0  # a number, or "max" for max(F)
+    vif_combine: str = "sum"  # "sum" or "mean" of VIFp(A,F) and VIFp(B,F)
+    vif_sigma_nsq: float = 2.0
+    fmi_window: int = 3
+    saliency: np.ndarray | None = None  # DFRS: saliency map in [0, 1], same shape as F
+    mask: np.ndarray | None = None  # DFRS: diagnostic-feature mask (e.g. SUV above a threshold)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mi_unit": (self.mi_unit, ("bits", "nats")),
+            "ssim_combine": (self.ssim_combine, ("mean", "sum")),
+            "vif_combine": (self.vif_combine, ("mean", "sum")),
+        }
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise MetricInputError(f"{key} must be one of {allowed}, not {value!r}")
+        if isinstance(self.psnr_peak, str) and self.psnr_peak != "max":
+            raise MetricInputError("psnr_peak must be a number or 'max'")
+
+
+class _Scoring:
+    """One (A, B, F) triple with its options and a cache for values several metrics share."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, f: np.ndarray, options: MetricOptions):
+        self.a, self.b, self.f, self.options = a, b, f, options
+        self._cache: dict[str, float] = {}
+
+    def cached(self, key: str, compute: Callable[[], float]) -> float:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def ssim_pair(self) -> tuple[float, float]:
+        return (
+            self.cached("ssim_a", lambda: structural.ssim(self.a, self.f)),
+            self.cached("ssim_b", lambda: structural.ssim(self.b, self.f)),
+        )
+
+    def mse_mean(self) -> float:
+        return self.cached("mse", lambda: (basic.mse(self.a, self.f) + basic.mse(self.b, self.f)) / 2)
+
+    def epi(self) -> float:
+        return self.cached(
+            "epi", lambda: (basic.edge_preservation(self.a, self.f) + basic.edge_preservation(self.b, self.f)) / 2
+        )
+
+    def fsim(self) -> float:
+        return self.cached("fsim", lambda: (fsim(self.a, self.f) + fsim(self.b, self.f)) / 2)
+
+
+def _mi(s: _Scoring) -> float:
+    base = 2.0 if s.options.mi_unit == "bits" else float(np.e)
+    return basic.mutual_information(s.a, s.f, base=base) + basic.mutual_information(s.b, s.f, base=base)
+
+
+def _ssim(s: _Scoring) -> float:
+    pair = s.ssim_pair()
+    return sum(pair) / (2 if s.options.ssim_combine == "mean" else 1)
+
+
+def _psnr(s: _Scoring) -> float:
+    peak = float(s.f.max()) if s.options.psnr_peak == "max" else float(s.options.psnr_peak)
+    return basic.psnr_from_mse(s.mse_mean(), peak)
+
+
+def _vif(s: _Scoring) -> float:
+    sig = s.options.vif_sigma_nsq
+    total = structural.vifp(s.a, s.f, sig) + structural.vifp(s.b, s.f, sig)
+    return total / (2 if s.options.vif_combine == "mean" else 1)
+
+
+def _fmi(feature: str) -> Callable[[_Scoring], float]:
+    return lambda s: information.fmi(s.a, s.b, s.f, feature=feature, window=s.options.fmi_window)
+
+
+def soft_overlap(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """Soft Dice 2 sum(s m) / (sum s + sum m) of a [0, 1] saliency map and a binary mask; 1 when both are empty."""
+    s = np.clip(np.asarray(saliency, dtype=np.float64), 0, 1)
+    m = np.asarray(mask, dtype=bool).astype(np.float64)
+    den = s.sum() + m.sum()
+    return 1.0 if den == 0 else float(2 * (s * m).sum() / den)
+
+
+def _dfrs(s: _Scoring) -> float:
+    o = s.options
+    if o.saliency is None or o.mask is None:
+        return float("nan")  # defined only when the caller supplies a saliency map and a feature mask
+    if np.shape(o.saliency) != s.f.shape or np.shape(o.mask) != s.f.shape:
+        raise MetricInputError(f"DFRS saliency and mask must have the image shape {s.f.shape}")
+    ssim_value = sum(s.ssim_pair()) / 2
+    return 100.0 * (0.35 * ssim_value + 0.25 * s.epi() + 0.20 * s.fsim() + 0.20 * soft_overlap(o.saliency, o.mask))
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A registered metric: its key, whether higher is better, and how to compute it."""
+
+    name: str
+    higher_is_better: bool
+    compute: Callable[[_Scoring], float]
+
+
+_COMPUTE: dict[str, Callable[[_Scoring], float]] = {
+    "EN": lambda s: basic.entropy(s.f),
+    "SD": lambda s: basic.standard_deviation(s.f),
+    "SF": lambda s: basic.spatial_frequency(s.f),
+    "AG": lambda s: basic.average_gradient(s.f),
+    "MI": _mi,
+    "SSIM": _ssim,
+    "SSIM_A": lambda s: s.ssim_pair()[0],
+    "SSIM_B": lambda s: s.ssim_pair()[1],
+    "MSE": lambda s: s.mse_mean(),
+    "PSNR": _psnr,
+    "CC": lambda s: (basic.correlation(s.a, s.f) + basic.correlation(s.b, s.f)) / 2,
+    "SCD": lambda s: basic.scd(s.a, s.b, s.f),
+    "Qabf": lambda s: perceptual.qabf(s.a, s.b, s.f),
+    "VIF": _vif,
+    "VIFF": lambda s: structural.viff(s.a, s.b, s.f),
+    "FMI_pixel": _fmi("pixel"),
+    "FMI_dct": _fmi("dct"),
+    "FMI_w": _fmi("wavelet"),
+    "FMI_gradient": _fmi("gradient"),
+    "Qcb": lambda s: perceptual.qcb(s.a, s.b, s.f),
+    "Qcv": lambda s: perceptual.qcv(s.a, s.b, s.f),
+    "QNCIE": lambda s: information.qncie(s.a, s.b, s.f),
+    "EPI": lambda s: s.epi(),
+    "FSIM": lambda s: s.fsim(),
+    "DFRS": _dfrs,
+}
+
+METRICS: dict[str, MetricInfo] = {n: MetricInfo(n, DIRECTIONS[n], _COMPUTE[n]) for n in METRIC_NAMES}
+
+
+def to_luminance(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
+    """BT.601 luma Y = 0.299 R + 0.587 G + 0.114 B along ``axis`` (3 channels), same scale as the input."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    if rgb.shape[axis] != 3:
+        raise MetricInputError(f"colour images need 3 channels on axis {axis}, got shape {rgb.shape}")
+    r, g, b = np.moveaxis(rgb, axis, 0)
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round half away from zero (MATLAB/8-bit convention; numpy's round is half to even)."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _as_grey(x: np.ndarray, what: str, round_luma: bool) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 3 and x.shape[-1] == 3:
+        x = to_luminance(x)
+        if round_luma:
+            x = round_half_away(x)
+    if x.ndim != 2:
+        raise MetricInputError(f"{what} must be a 2-D image (or H x W x 3 colour), got shape {x.shape}")
+    return x
+
+
+def _names(names: Iterable[str] | None) -> list[str]:
+    chosen = list(METRIC_NAMES if names is None else names)
+    unknown = [n for n in chosen if n not in METRICS]
+    if unknown:
+        raise MetricInputError(f"unknown metric names {unknown}; known: {', '.join(METRIC_NAMES)}")
+    return chosen
+
+
+def compute_metrics(a: np.ndarray, b: np.ndarray, f: np.ndarray, names: Iterable[str] | None = None, **options) -> dict[str, float]:
+    """Metrics of sources ``a``, ``b`` and fused ``f`` (2-D, 0..255; H x W x 3 colour is scored on luminance).
+
+    ``names``: metric keys (default: all of METRIC_NAMES); ``options``: fields of MetricOptions.
+    Returns {name: value} in the order asked; NaN where a metric is undefined for these images.
+    """
+    opts = MetricOptions(**options)
+    a, b, f = (_as_grey(x, w, opts.round_luma) for x, w in ((a, "A"), (b, "B"), (f, "F")))
+    if not a.shape == b.shape == f.shape:
+        raise MetricInputError(f"A, B and F must have one shape, got {a.shape}, {b.shape}, {f.shape}")
+    if opts.round_fused:
+        f = np.clip(round_half_away(f), 0, 255)
+    scoring = _Scoring(a, b, f, opts)
+    return {n: float(METRICS[n].compute(scoring)) for n in _names(names)}
+
+
+@dataclass
+class SeriesQuality:
+    """Metrics of one fused series: one dict per slice (NaN values for skipped slices) and their mean."""
+
+    names: list[str]
+    per_slice: list[dict[str, float]]
+    summary: dict[str, float]
+    skipped: list[int] = field(default_factory=list)  # slice indices with no content in either source
+    elapsed_s: float = 0.0
+
+    @property
+    def scored(self) -> int:
+        return len(self.per_slice) - len(self.skipped)
+
+
+def _slice_option(value, i: int, n: int):
+    if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[0] == n:
+        return value[i]
+    return value
+
+
+def score_series(
+    a: np.ndarray, b: np.ndarray, f: np.ndarray, names: Iterable[str] | None = None, **options
+) -> SeriesQuality:
+    """Score a fused series slice by slice. a, b, f: (N, H, W) on 0..255, slice index first.
+
+    A slice where both sources are constant (blank slices beyond the body) is skipped: its dict holds
+    NaN and it does not enter the summary. The summary is the mean over the scored slices of each
+    metric, ignoring NaN values; NaN when no slice was scored. Saliency and mask options may be
+    (N, H, W) and are then taken per slice.
+    """
+    chosen = _names(DEFAULT_SERIES_METRICS if names is None else names)
+    a, b, f = (np.asarray(v, dtype=np.float64) for v in (a, b, f))
+    if a.ndim != 3 or not a.shape == b.shape == f.shape:
+        raise MetricInputError(f"series must be (N, H, W) of one shape, got {a.shape}, {b.shape}, {f.shape}")
+    start = time.perf_counter()
+    n = a.shape[0]
+    per_slice: list[dict[str, float]] = []
+    skipped: list[int] = []
+    for i in range(n):
+        if np.ptp(a[i]) == 0 and np.ptp(b[i]) == 0:
+            skipped.append(i)
+            per_slice.append({m: float("nan") for m in chosen})
+            continue
+        opts = {k: _slice_option(v, i, n) for k, v in options.items()}
+        per_slice.append(compute_metrics(a[i], b[i], f[i], chosen, **opts))
+    with np.errstate(all="ignore"):
+        table = np.array([[d[m] for m in chosen] for d in per_slice], dtype=np.float64).reshape(n, len(chosen))
+        scored = np.delete(table, skipped, axis=0)
+        means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scored.T]
+    elapsed = time.perf_counter() - start
+    log.info("event=series_scored slices=%d skipped=%d metrics=%s seconds=%.3f", n, len(skipped), ",".join(chosen), elapsed)
+    return SeriesQuality(chosen, per_slice, dict(zip(chosen, means, strict=True)), skipped, elapsed)
+
+
+def threshold_failures(summary: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """Names whose value is worse than its threshold: below it (higher is better) or above it (lower is better).
+
+    A NaN value fails its threshold (the quality could not be shown).
+    """
+    failed = []
+    for name, limit in thresholds.items():
+        value = summary.get(name, float("nan"))
+        higher = DIRECTIONS.get(name, True)
+        if not np.isfinite(value) and not np.isinf(value) or (value < limit if higher else value > limit):
+            failed.append(name)
+    return failed

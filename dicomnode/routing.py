@@ -1,0 +1,159 @@
+"""Pairing: which complete series are fused onto which, by the configured rules.
+
+When a series completes, its partners are looked up among the complete series: same
+StudyInstanceUID (rule ``match = "study"``) or same PatientID with study dates at most
+``max_days`` apart (``match = "patient"``). Partners must agree on patient identity: PatientID
+always, PatientName and PatientBirthDate when both series carry them. A disagreement is refused
+(a ``Rejection`` row and one log line, no job): the node never fuses across patients.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomnode.audit.models import Rejection, Series, SeriesState
+from dicomnode.config import PairingRule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """What pairing and processing need to know about one received series."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    study_date: str
+    frame_of_reference_uid: str
+    calling_ae: str
+
+    @classmethod
+    def of(cls, row: Series) -> SeriesRef:
+        return cls(
+            series_uid=row.series_uid,
+            study_uid=row.study_uid,
+            modality=row.modality,
+            patient_id=row.patient_id or "",
+            patient_name=row.patient_name or "",
+            birth_date=row.birth_date or "",
+            study_date=row.study_date or "",
+            frame_of_reference_uid=row.frame_of_reference_uid or "",
+            calling_ae=row.calling_ae or "",
+        )
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A moving series to be resampled and fused onto a fixed series under ``rule``."""
+
+    fixed: SeriesRef
+    moving: SeriesRef
+    rule: PairingRule
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A candidate pair refused because the two series disagree on patient identity."""
+
+    fixed: SeriesRef
+    moving: SeriesRef
+    rule: PairingRule
+    mismatch: tuple[str, ...]  # DICOM keywords that differ, e.g. ("PatientID",)
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"pairing refused (rule {self.rule.label}): {', '.join(self.mismatch)} differ between "
+            f"fixed series {self.fixed.series_uid} and moving series {self.moving.series_uid}"
+        )
+
+
+def identity_mismatch(a: SeriesRef, b: SeriesRef) -> list[str]:
+    """Names of the patient attributes on which ``a`` and ``b`` disagree (values never returned)."""
+    problems = []
+    if a.patient_id.strip() != b.patient_id.strip():
+        problems.append("PatientID")
+    if a.patient_name and b.patient_name and _norm_name(a.patient_name) != _norm_name(b.patient_name):
+        problems.append("PatientName")
+    if a.birth_date and b.birth_date and a.birth_date.strip() != b.birth_date.strip():
+        problems.append("PatientBirthDate")
+    return problems
+
+
+def _norm_name(name: str) -> str:
+    # "DOE^JOHN" and "doe^john^^" are the same person name; trailing empty components are padding.
+    return name.strip().upper().rstrip("^ ")
+
+
+def _parse_da(value: str) -> date | None:
+    try:
+        return date(int(value[0:4]), int(value[4:6]), int(value[6:8]))
+    except (ValueError, IndexError):
+        return None
+
+
+def _within_days(a: str, b: str, max_days: int) -> bool:
+    da, db = _parse_da(a), _parse_da(b)
+    if da is None or db is None:
+        # Without study dates the "within N days" promise cannot be checked: only the same day string.
+        return a == b and max_days >= 0
+    return abs((da - db).days) <= max_days
+
+
+def _candidates(session: Session, series: Series, rule: PairingRule, partner_modality: str) -> list[Series]:
+    query = select(Series).where(
+        Series.state == SeriesState.complete,
+        Series.modality == partner_modality,
+        Series.id != series.id,
+    )
+    if rule.match == "study":
+        query = query.where(Series.study_uid == series.study_uid)
+        return list(session.scalars(query.order_by(Series.id)))
+    # Patient match: same PatientID is the candidate key; identity is then checked on the rest.
+    query = query.where(Series.patient_id == series.patient_id)
+    return [s for s in session.scalars(query.order_by(Series.id)) if _within_days(s.study_date, series.study_date, rule.max_days)]
+
+
+def find_pairings(session: Session, series_uid: str, rules: tuple[PairingRule, ...]) -> tuple[list[Pairing], list[Refusal]]:
+    """Pairs (and refusals) that the newly complete series ``series_uid`` forms with complete partners."""
+    series = session.scalars(select(Series).where(Series.series_uid == series_uid)).one()
+    pairings: list[Pairing] = []
+    refusals: list[Refusal] = []
+    me = SeriesRef.of(series)
+    for rule in rules:
+        if series.modality not in (rule.fixed, rule.moving):
+            continue
+        partner_modality = rule.moving if series.modality == rule.fixed else rule.fixed
+        for partner in _candidates(session, series, rule, partner_modality):
+            other = SeriesRef.of(partner)
+            fixed, moving = (me, other) if series.modality == rule.fixed else (other, me)
+            problems = identity_mismatch(fixed, moving)
+            if problems:
+                refusals.append(Refusal(fixed, moving, rule, tuple(problems)))
+            else:
+                pairings.append(Pairing(fixed, moving, rule))
+    return pairings, refusals
+
+
+def record_refusal(session: Session, refusal: Refusal) -> bool:
+    """Write the refusal as a ``Rejection`` row and log it once; False if it was already recorded."""
+    exists = session.scalars(select(Rejection.id).where(Rejection.reason == refusal.reason)).first()
+    if exists is not None:
+        return False
+    session.add(Rejection(calling_ae=refusal.moving.calling_ae, status=None, reason=refusal.reason))
+    session.flush()
+    log.warning(
+        "event=pairing_refused rule=%s fixed_series=%s moving_series=%s study_uid=%s mismatch=%s",
+        refusal.rule.label, refusal.fixed.series_uid, refusal.moving.series_uid, refusal.fixed.study_uid,
+        ",".join(refusal.mismatch),
+    )
+    return True

@@ -1,0 +1,124 @@
+"""Series completion: when a received series counts as complete.
+
+A series is complete once no instance arrived for ``completion.stable_age_s`` seconds, or at
+once when its expected instance count (e.g. NumberOfSlices of PET/NM) is known and reached.
+The state lives in the ``Series`` rows (receiving -> complete), so a restarted node resumes
+the check from the database; nothing is kept in memory between checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dicomnode.audit.models import Series, SeriesState
+from dicomnode.config import CompletionConfig
+
+log = logging.getLogger(__name__)
+
+STABLE_AGE = "stable_age"
+EXPECTED_COUNT = "expected_count"
+
+
+@dataclass(frozen=True)
+class CompletedSeries:
+    """A series that has just moved to ``complete``."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    received_count: int
+    reason: str  # STABLE_AGE | EXPECTED_COUNT
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; they were written in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def completion_reason(series: Series, config: CompletionConfig, now: datetime) -> str | None:
+    """Why ``series`` is complete at ``now``, or None while it is still receiving."""
+    if series.state != SeriesState.receiving:
+        return None
+    if config.use_expected_count and series.expected_count and series.received_count >= series.expected_count:
+        return EXPECTED_COUNT
+    if now - as_utc(series.last_received_at) >= timedelta(seconds=config.stable_age_s):
+        return STABLE_AGE
+    return None
+
+
+def mark_complete(session: Session, series: Series, reason: str, now: datetime) -> CompletedSeries | None:
+    """Move one series to ``complete`` in ``session`` (the caller commits); None if already complete.
+
+    The update is conditional on the row still being ``receiving``, so two checkers racing on
+    one series (the per-instance check and the timer) complete it once.
+    """
+    result = session.execute(
+        update(Series)
+        .where(Series.id == series.id, Series.state == SeriesState.receiving)
+        .values(state=SeriesState.complete, completed_at=now, completion_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    session.refresh(series)
+    log.info(
+        "event=series_complete series_uid=%s modality=%s instances=%d reason=%s",
+        series.series_uid, series.modality, series.received_count, reason,
+    )
+    return CompletedSeries(series.series_uid, series.study_uid, series.modality, series.received_count, reason)
+
+
+def complete_due_series(
+    session: Session,
+    config: CompletionConfig,
+    now: datetime | None = None,
+    on_complete: Callable[[Session, CompletedSeries], None] | None = None,
+) -> list[CompletedSeries]:
+    """Complete every receiving series that is due; ``on_complete`` runs for each in the same session.
+
+    Series are completed one after the other, oldest first, so a pairing step run by
+    ``on_complete`` sees the earlier ones as complete and each pair is considered exactly once.
+    """
+    now = now or datetime.now(timezone.utc)
+    rows = session.scalars(
+        select(Series).where(Series.state == SeriesState.receiving).order_by(Series.last_received_at, Series.id)
+    ).all()
+    done: list[CompletedSeries] = []
+    for series in rows:
+        reason = completion_reason(series, config, now)
+        if reason is None:
+            continue
+        completed = mark_complete(session, series, reason, now)
+        if completed is None:
+            continue
+        if on_complete is not None:
+            on_complete(session, completed)
+        done.append(completed)
+    return done
+
+
+def complete_if_expected(
+    session: Session,
+    series_uid: str,
+    config: CompletionConfig,
+    now: datetime | None = None,
+    on_complete: Callable[[Session, CompletedSeries], None] | None = None,
+) -> CompletedSeries | None:
+    """Complete one series right away when its expected count has arrived (cheap per-instance check)."""
+    if not config.use_expected_count:
+        return None
+    series = session.scalars(select(Series).where(Series.series_uid == series_uid)).one_or_none()
+    if series is None or series.state != SeriesState.receiving or not series.expected_count:
+        return None
+    if series.received_count < series.expected_count:
+        return None
+    completed = mark_complete(session, series, EXPECTED_COUNT, now or datetime.now(timezone.utc))
+    if completed is not None and on_complete is not None:
+        on_complete(session, completed)
+    return completed

@@ -1,0 +1,118 @@
+"""AuditDB on SQLite and PostgreSQL: Alembic upgrade to head matches the models, sessions, time zones."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, func, select, text
+
+from tests.conftest import require
+from dicomnode.audit.db import AuditDB
+from dicomnode.audit.models import Association, Base, Job, Series
+
+POSTGRES_URL = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/test")
+
+
+def _postgres_available() -> tuple[bool, str]:
+    try:
+        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+        return True, ""
+    except Exception as exc:  # any failure means "no server here"
+        return False, f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> Iterator[AuditDB]:
+    if request.param == "sqlite":
+        database = AuditDB.open(f"sqlite:///{tmp_path / 'sub' / 'audit.db'}")
+        yield database
+        database.close()
+        return
+    ok, reason = _postgres_available()
+    require(ok, reason)
+    # A schema per test keeps concurrent runs on the same server apart.
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        database = AuditDB.open(POSTGRES_URL, schema=schema)
+        yield database
+        database.close()
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_upgrade_creates_the_model_schema(db):
+    with db.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        version = conn.execute(text("select version_num from alembic_version")).scalar_one()
+    assert diffs == []
+    assert version == "0001"
+
+
+def test_session_commits_and_rolls_back(db):
+    with db.session() as s:
+        s.add(Association(calling_ae="A", called_ae="B", peer_host="127.0.0.1", peer_port=1, accepted=True))
+    with pytest.raises(RuntimeError):
+        with db.session() as s:
+            s.add(Association(calling_ae="C", called_ae="B", peer_host="127.0.0.1", peer_port=2, accepted=True))
+            s.flush()
+            raise RuntimeError("boom")
+    with db.session() as s:
+        assert s.scalars(select(Association.calling_ae)).all() == ["A"]
+
+
+def test_timestamps_come_back_utc_aware(db):
+    local = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    with db.session() as s:
+        s.add(Association(calling_ae="A", called_ae="B", peer_host="h", peer_port=1, accepted=True, started_at=local))
+    with db.session() as s:
+        row = s.scalars(select(Association)).one()
+        assert row.started_at == local and row.started_at.utcoffset() == timedelta(0)
+        assert s.scalar(select(func.count()).where(Association.started_at < datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc))) == 1
+
+
+def test_concurrent_writers_from_threads(db):
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(10):
+                with db.session() as s:
+                    s.add(Series(series_uid=f"1.2.{n}.{i}", study_uid="1.2", modality="CT"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Series)) == 60
+
+
+def test_reopen_is_idempotent(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    first = AuditDB.open(url)
+    with first.session() as s:
+        s.add(Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", study_uid="3", method="alpha"))
+    first.close()
+    second = AuditDB.open(url)
+    with second.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+    second.close()

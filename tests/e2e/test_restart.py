@@ -1,0 +1,129 @@
+"""Restart: a node stopped mid-way resumes from the audit database, and nothing is sent twice.
+
+The receiving peer is DCMTK storescp keeping every received copy in its own file, so a second
+C-STORE of any output instance would show as an extra file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import free_port, require_tool
+from tests.e2e.dcmtk_peers import StoreSCPPeer, storescu
+from dicomnode.audit.db import AuditDB
+from dicomnode.audit.models import Instance, Job, JobEvent, JobState, Send, SendState, Series, SeriesState
+from dicomnode.config import load_config
+from dicomnode.node import Node
+
+pytestmark = pytest.mark.e2e
+
+SENDER = "MODALITY1"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from dicomnode.testing.study import write_synthetic_study
+
+    return write_synthetic_study(tmp_path_factory.mktemp("study"), modalities=("CT", "PT"), shape=(32, 64, 64), seed=5)
+
+
+def config(tmp_path: Path, node_port: int, peer_port: int):
+    return load_config(overrides={
+        "node": {"port": node_port},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'audit.db'}"},
+        # Completion by stable age only, so the node can be stopped before the series complete.
+        "completion": {"stable_age_s": 2.0, "check_interval_s": 0.25, "use_expected_count": False},
+        "destinations": [{"name": "back", "ae_title": SENDER, "host": "127.0.0.1", "port": peer_port}],
+        "sending": {"initial_delay_s": 0.5, "backoff": 1.0, "max_attempts": 20, "connect_timeout_s": 5},
+        "processing": {"device": "cpu"},
+    })
+
+
+def wait_job(url: str, states: tuple[JobState, ...], timeout_s: float) -> Job:
+    db = AuditDB.open(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with db.session() as s:
+                job = s.scalars(select(Job)).first()
+            if job is not None and job.state in states:
+                return job
+            time.sleep(0.25)
+        raise AssertionError(f"job not in {states} within {timeout_s} s: {job and (job.state, job.reason)}")
+    finally:
+        db.close()
+
+
+def output_count(job: Job) -> int:
+    return sum(o["count"] for o in job.outputs["series"])
+
+
+def test_stop_before_completion_then_restart_finishes_once(tmp_path, study):
+    storescp, scu = require_tool("storescp"), require_tool("storescu")
+    node_port = free_port()
+    with StoreSCPPeer(storescp, tmp_path / "peer") as peer:
+        cfg = config(tmp_path, node_port, peer.port)
+        first = Node(cfg)
+        first.start()
+        storescu(scu, study["CT"] + study["PT"], port=node_port, calling_ae=SENDER)
+        first.stop()  # well inside the 2 s stable age: both series are still receiving
+        db = AuditDB.open(cfg.storage.database_url)
+        with db.session() as s:
+            assert {r.state for r in s.scalars(select(Series))} == {SeriesState.receiving}
+            assert s.query(Instance).count() == len(study["CT"]) + len(study["PT"])
+            assert s.query(Job).count() == 0
+        db.close()
+
+        second = Node(cfg)
+        second.start()
+        try:
+            job = wait_job(cfg.storage.database_url, (JobState.done, JobState.failed), 120)
+            assert job.state == JobState.done, job.reason
+            time.sleep(1.0)  # give a (wrong) duplicate send the chance to arrive
+            assert len(peer.files()) == output_count(job) == len(study["CT"]) + 1
+            with second.db.session() as s:
+                sends = s.scalars(select(Send)).all()
+                assert sends and all(x.state == SendState.sent and x.attempts == 1 for x in sends)
+                assert {r.completion_reason for r in s.scalars(select(Series))} == {"stable_age"}
+        finally:
+            second.stop()
+
+
+def test_pending_sends_survive_a_restart_and_are_not_repeated(tmp_path, study):
+    storescp, scu = require_tool("storescp"), require_tool("storescu")
+    node_port, peer_port = free_port(), free_port()
+    cfg = config(tmp_path, node_port, peer_port)
+    first = Node(cfg)
+    first.start()
+    try:
+        storescu(scu, study["CT"] + study["PT"], port=node_port, calling_ae=SENDER)
+        # The peer is not up yet: the job reaches ``sending`` and its sends wait for a retry.
+        job = wait_job(cfg.storage.database_url, (JobState.sending, JobState.failed), 120)
+        assert job.state == JobState.sending, job.reason
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with first.db.session() as s:
+                if all(x.attempts >= 1 for x in s.scalars(select(Send))):
+                    break
+            time.sleep(0.2)
+    finally:
+        first.stop()
+    with StoreSCPPeer(storescp, tmp_path / "peer", port=peer_port) as peer:
+        second = Node(cfg)
+        second.start()
+        try:
+            job = wait_job(cfg.storage.database_url, (JobState.done, JobState.failed), 60)
+            assert job.state == JobState.done, job.reason
+            time.sleep(1.0)
+            assert len(peer.files()) == output_count(job)
+            with second.db.session() as s:
+                sends = s.scalars(select(Send)).all()
+                assert all(x.state == SendState.sent and x.attempts >= 2 for x in sends)
+                events = [e.to_state for e in s.scalars(select(JobEvent).order_by(JobEvent.id))]
+                assert events == ["paired", "processing", "encoded", "sending", "done"]  # processed once
+        finally:
+            second.stop()

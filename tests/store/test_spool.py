@@ -1,0 +1,78 @@
+"""Spool layout and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from dicomnode.store.spool import Spool, SpoolError, atomic_write, safe_name
+
+
+def test_incoming_layout_and_content(tmp_path):
+    spool = Spool(tmp_path)
+    path = spool.write_incoming(b"abc", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4")
+    assert path == tmp_path / "incoming" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    assert path.read_bytes() == b"abc"
+    # Rewriting replaces atomically and leaves no temporary file behind.
+    spool.write_incoming(b"xyz", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4")
+    assert path.read_bytes() == b"xyz"
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_unsafe_uids_cannot_escape(tmp_path):
+    spool = Spool(tmp_path)
+    path = spool.write_incoming(b"x", study_uid="../..", series_uid="a/b", sop_uid="..")
+    assert spool.incoming in path.parents
+    assert safe_name("..") == "_" and safe_name("1.2/3") == "1.2_3"
+
+
+def test_quarantine_keeps_bytes_and_reason(tmp_path):
+    spool = Spool(tmp_path)
+    path = spool.quarantine(b"\x00garbage", "status=0xC000 not DICOM")
+    assert path.parent.parent == spool.quarantine_dir and len(path.parent.name) == 8
+    assert path.read_bytes() == b"\x00garbage"
+    assert path.with_name(path.stem + ".reason.txt").read_text() == "status=0xC000 not DICOM\n"
+
+
+def test_outbox_and_write_dataset_round_trip(tmp_path):
+    spool = Spool(tmp_path)
+    folder = spool.outbox_dir(7, "1.2.3")
+    assert folder == tmp_path / "outbox" / "7" / "1.2.3" and folder.is_dir()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality = "OT"
+    path = spool.write_dataset(ds, folder / "a.dcm")
+    back = dcmread(path)
+    assert back.SOPInstanceUID == ds.SOPInstanceUID and back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_failed_write_raises_spool_error_and_leaves_nothing(tmp_path):
+    target_dir = tmp_path / "ro"
+    target_dir.mkdir()
+    (target_dir / "blocker").write_text("a file where a folder is needed")
+    with pytest.raises(SpoolError):
+        atomic_write(target_dir / "blocker" / "x.dcm", b"data")
+    assert sorted(p.name for p in target_dir.iterdir()) == ["blocker"]
+
+
+def test_purge_removes_only_old_files(tmp_path):
+    spool = Spool(tmp_path)
+    old = spool.write_incoming(b"old", study_uid="1", series_uid="2", sop_uid="3")
+    new = spool.write_incoming(b"new", study_uid="1", series_uid="5", sop_uid="6")
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    os.utime(old.parent, (ten_days_ago, ten_days_ago))
+    report = spool.purge_older_than(7)
+    assert (report.files, report.bytes) == (1, 3)
+    assert not old.exists() and not old.parent.exists() and new.exists()
+    assert spool.purge_older_than(0).files == 0 and new.exists()

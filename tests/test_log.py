@@ -1,0 +1,35 @@
+"""One line per event: key=value with quoting, or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from dicomnode.config import LoggingConfig
+from dicomnode.log import event, format_fields, setup_logging
+
+
+def test_format_quotes_values_with_spaces():
+    line = format_fields("stored", {"series": "1.2.3", "reason": 'no pixel "data"', "n": 3, "ok": True, "empty": ""})
+    assert line == 'event=stored series=1.2.3 reason="no pixel \\"data\\"" n=3 ok=true empty=""'
+
+
+def test_kv_and_json_output(capsys):
+    logger = logging.getLogger("dicomnode.test_log")
+    setup_logging(LoggingConfig(level="INFO", format="kv"))
+    event(logger, "instance_rejected", logging.WARNING, status="0xA900", reason="no pixel data")
+    event(logger, "hidden", logging.DEBUG, x=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    ts, level, name, rest = err[0].split(" ", 3)
+    assert ts.endswith("Z") and level == "WARNING" and name == "dicomnode.test_log"
+    assert rest == 'event=instance_rejected status=0xA900 reason="no pixel data"'
+
+    setup_logging(LoggingConfig(level="DEBUG", format="json"))
+    event(logger, "stored", size=12, series="1.2")
+    line = capsys.readouterr().err.strip().splitlines()
+    assert len(line) == 1
+    record = json.loads(line[0])
+    assert record["event"] == "stored" and record["size"] == 12 and record["level"] == "INFO"
+    setup_logging(LoggingConfig())
+    assert sum(h.get_name() == "dicomnode-stderr" for h in logging.getLogger().handlers) == 1

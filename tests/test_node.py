@@ -1,0 +1,99 @@
+"""The node's commands: serve until SIGTERM, fail fast on unusable fusion settings, check-config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.conftest import REPO, free_port
+from dicomnode.cli import main
+from dicomnode.config import load_config
+from dicomnode.node import Node, StartupError
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'[node]\nport = {port}\n\n[storage]\nspool_dir = "{tmp_path / "spool"}"\n'
+        f'database_url = "sqlite:///{tmp_path / "audit.db"}"\n\n[logging]\nlevel = "INFO"\n{extra}'
+    )
+    return path
+
+
+def echo(port: int) -> int | None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo().Status
+    assoc.release()
+    return status
+
+
+def test_serve_answers_echo_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port)
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status is None and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                status = echo(port)
+            except (OSError, RuntimeError):
+                status = None
+            if status is None:
+                time.sleep(0.3)
+        assert status == 0x0000
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "event=node_started" in log and "event=signal signal=SIGTERM" in log and "event=node_stopped" in log
+    assert (tmp_path / "audit.db").exists()
+
+
+def test_missing_network_weights_fail_fast(tmp_path):
+    cfg = load_config(overrides={
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "fusion": {"default_method": "network", "weights": str(tmp_path / "absent.pt")},
+    })
+    with pytest.raises(StartupError, match="fusion method 'network' cannot run"):
+        Node(cfg)
+
+
+def test_unknown_rule_method_fails_fast(tmp_path):
+    cfg = load_config(overrides={
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "pairing": [{"fixed": "CT", "moving": "PT", "method": "no-such-method"}],
+    })
+    with pytest.raises(StartupError, match="no-such-method"):
+        Node(cfg)
+
+
+def test_serve_reports_config_problems_with_key_paths(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[completion]\nstable_age_s = -1\n[[destinations]]\nname = "x"\n')
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "completion.stable_age_s" in err and "destinations.0.ae_title" in err
+
+
+def test_check_config_prints_summary(tmp_path, capsys):
+    config = write_config(tmp_path, 11112, '\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.2"\nport = 104\n')
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK ") and "destinations: pacs=PACS@10.0.0.2:104" in out and "rule PT->CT" in out
