@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dicomnode.demo import run_demo
+from dicomnode.demo import DemoError, run_demo
 
 
 def main() -> int:
@@ -28,16 +28,22 @@ def main() -> int:
     parser.add_argument("--modes", default="auto,always", help="registration modes to time")
     args = parser.parse_args()
     rows: dict[str, dict[str, list[float]]] = {}
+    failures: dict[str, list[str]] = {}
     study = ""
     for mode in args.modes.split(","):
         overrides: dict = {"registration": {"mode": mode}}
         if args.method:
             overrides["fusion"] = {"default_method": args.method}
         for rep in range(args.reps):
-            with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
-                run = run_demo(Path(tmp), args.synthetic, overrides, summary=False)
-            study = run.study
             cells = rows.setdefault(mode, {})
+            with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
+                try:
+                    run = run_demo(Path(tmp), args.synthetic, overrides, summary=False)
+                except DemoError as exc:  # a failed job is a result too: count it, keep timing the rest
+                    failures.setdefault(mode, []).append(str(exc))
+                    print(f"[bench] mode={mode} rep={rep + 1} FAILED: {exc}", flush=True)
+                    continue
+            study = run.study
             for name, seconds in run.timings.items():
                 cells.setdefault(f"stage {name}", []).append(seconds)
             for name, seconds in run.timeline:
@@ -51,6 +57,10 @@ def main() -> int:
     for key in keys:
         cells = [f"{statistics.median(rows[m][key]):.2f}" if key in rows[m] else "-" for m in modes]
         print(f"| {key} | " + " | ".join(cells) + " |")
+    print("| failed jobs | " + " | ".join(f"{len(failures.get(m, []))}/{args.reps}" for m in modes) + " |")
+    for mode, reasons in failures.items():
+        for reason in reasons:
+            print(f"\n{mode}: {reason}")
     return 0
 
 

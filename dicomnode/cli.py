@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1200; --epochs overrides)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 2000; --epochs overrides)")
     p.add_argument("--batch", type=int, default=None, help="crops per step (default 8)")
-    p.add_argument("--crop", type=int, default=None, help="crop size in pixels (default 64)")
+    p.add_argument("--crop", type=int, default=None, help="crop size in pixels (default 80)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     p.add_argument("--no-eval", action="store_true", help="skip the metric table of the model card")
 

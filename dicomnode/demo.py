@@ -9,12 +9,10 @@ Orthanc holds to ``<workdir>/demo/``. Everything it started is stopped before it
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass

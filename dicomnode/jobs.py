@@ -134,9 +134,10 @@ def record_output(session: Session, job: Job, out: ProcessingOutput) -> None:
     job.timings = dict(out.timings)
     job.registration = dict(out.registration)
     job.outputs = {"series": [s.describe() for s in out.series]}
-    for index, values in enumerate(out.per_slice):
-        session.add_all(Metric(job_id=job.id, slice_index=index, name=k, value=float(v)) for k, v in values.items() if _finite(v))
-    session.add_all(Metric(job_id=job.id, slice_index=None, name=k, value=float(v)) for k, v in out.summary.items() if _finite(v))
+    rows = [(index, values) for index, values in enumerate(out.per_slice)] + [(None, out.summary)]
+    for index, values in rows:
+        session.add_all(Metric(job_id=job.id, slice_index=index, name=k, value=float(v))
+                        for k, v in values.items() if _finite(v))
     low = [f"{k}={out.summary.get(k, float('nan')):.4g}" for k in out.quality_failures]
     job.quality_flag = ("under threshold: " + ", ".join(low)) if low else None
     if low:

@@ -14,7 +14,6 @@ import sys
 import threading
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -149,8 +148,13 @@ class Node:
     # -- sending ----------------------------------------------------------------------------
     def wake_sender(self) -> None:
         """Run the send queue now (on a scheduler thread) instead of at the next poll."""
-        if self._scheduler is not None:
-            self._scheduler.add_job(self.run_sends, id=f"sends-now-{uuid.uuid4().hex}")
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        try:
+            scheduler.add_job(self.run_sends, id=f"sends-now-{uuid.uuid4().hex}")
+        except Exception:  # stopping: the next start's poll sends what is pending
+            log.debug("sender wake-up skipped", exc_info=True)
 
     def run_sends(self) -> None:
         """Attempt due sends, then settle jobs whose sends are all sent or failed."""
@@ -160,16 +164,12 @@ class Node:
                 settle_sending_jobs(session)
 
 
-def _load(path: Path | None) -> Config:
-    return load_config(path)
-
-
 def serve_command(args) -> int:
     """``dicomnode serve --config FILE``: run until SIGTERM/SIGINT, then stop cleanly."""
     from dicomnode.log import setup_logging
 
     try:
-        config = _load(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
@@ -216,18 +216,20 @@ def summary_lines(config: Config) -> list[str]:
 
     node = config.node
     callers = ", ".join(c.ae_title + (f"@{c.host}" if c.host else "") for c in node.allowed_callers) or "any"
+    dests = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}" for d in config.destinations)
+    expected = "used" if config.completion.use_expected_count else "ignored"
     lines = [
         f"node: {node.ae_title} on {node.host}:{node.port} (max PDU {node.max_pdu}, TLS {'on' if config.tls.enabled else 'off'})",
         f"allowed callers: {callers}",
         f"database: {make_url(config.storage.database_url).render_as_string(hide_password=True)}",
         f"spool: {config.storage.spool_dir}",
-        f"completion: stable age {config.completion.stable_age_s:g} s, expected count {'used' if config.completion.use_expected_count else 'ignored'}",
-        f"destinations: " + (", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}" for d in config.destinations) or "none"),
+        f"completion: stable age {config.completion.stable_age_s:g} s, expected count {expected}",
+        f"destinations: {dests or 'none'}",
     ]
     for rule in config.pairing:
         where = "same study" if rule.match == "study" else f"same patient within {rule.max_days} days"
-        dests = ", ".join(rule.destinations) or "the destination with the sender's AE title"
+        to = ", ".join(rule.destinations) or "the destination with the sender's AE title"
         lines.append(f"rule {rule.label}: {rule.moving} onto {rule.fixed}, {where}, method "
-                     f"{rule.method or config.fusion.default_method}, to {dests}")
+                     f"{rule.method or config.fusion.default_method}, to {to}")
     lines.append(f"processing device: {config.processing.device}; log {config.logging.level} {config.logging.format}")
     return lines

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicomnode.audit.db import AuditDB
+from tests.backends import BACKENDS, open_test_db
 from dicomnode.audit.models import Instance, Job, JobEvent, JobState, Metric, Send, SendState, Series, SeriesState
 from dicomnode.config import load_config
 from dicomnode.jobs import IllegalTransition, JobWorker, create_job, recover, settle_sending_jobs, transition
@@ -16,11 +16,10 @@ from dicomnode.routing import Pairing, SeriesRef
 from dicomnode.store.spool import Spool
 
 
-@pytest.fixture
-def db(tmp_path):
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
-    yield db
-    db.close()
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path):
+    with open_test_db(request.param, tmp_path) as database:
+        yield database
 
 
 def config(**over):

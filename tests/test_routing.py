@@ -7,19 +7,18 @@ import logging
 import pytest
 from sqlalchemy import select
 
-from dicomnode.audit.db import AuditDB
+from tests.backends import BACKENDS, open_test_db
 from dicomnode.audit.models import Rejection, Series, SeriesState
 from dicomnode.config import PairingRule
-from dicomnode.routing import find_pairings, identity_mismatch, record_refusal, SeriesRef
+from dicomnode.routing import SeriesRef, find_pairings, identity_mismatch, record_refusal
 
 CT_PT = PairingRule(fixed="CT", moving="PT")
 
 
-@pytest.fixture
-def db(tmp_path):
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
-    yield db
-    db.close()
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path):
+    with open_test_db(request.param, tmp_path) as database:
+        yield database
 
 
 def add(db, uid, modality, *, study="1.9", pid="P1", name="DOE^JANE", birth="19700101", date="20240501",

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from dicomnode.audit.db import AuditDB
+from tests.backends import BACKENDS, open_test_db
 from dicomnode.audit.models import Series, SeriesState
 from dicomnode.config import CompletionConfig
 from dicomnode.store.series import (
@@ -21,11 +22,10 @@ from dicomnode.store.series import (
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def db(tmp_path):
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
-    yield db
-    db.close()
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path):
+    with open_test_db(request.param, tmp_path) as database:
+        yield database
 
 
 def add_series(db, uid, *, modality="CT", count=10, expected=None, last=T0, study="1.2.3"):

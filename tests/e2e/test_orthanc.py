@@ -7,6 +7,7 @@ the CT). The audit database must tell the whole story.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -78,15 +79,28 @@ def run_study(tmp_path: Path, study: dict[str, list[Path]], timeout_s: float) ->
             assert len(in_pacs[kinds["fused"]["series_uid"]]["Instances"]) == len(ct_files)
             assert len(in_pacs[kinds["heatmap"]["series_uid"]]["Instances"]) == 1
             fused_id = in_pacs[kinds["fused"]["series_uid"]]["Instances"][0]
-            fused = pydicom.dcmread(__import__("io").BytesIO(pacs.download(fused_id)))
+            fused = pydicom.dcmread(io.BytesIO(pacs.download(fused_id)))
             assert fused.StudyInstanceUID == study_uid and fused.PhotometricInterpretation == "RGB"
             heatmap_id = in_pacs[kinds["heatmap"]["series_uid"]]["Instances"][0]
-            heatmap = pydicom.dcmread(__import__("io").BytesIO(pacs.download(heatmap_id)))
+            heatmap = pydicom.dcmread(io.BytesIO(pacs.download(heatmap_id)))
             assert heatmap.ContentLabel == "HEATMAP" and heatmap.BitsAllocated == 16
             assert pacs.preview_png(heatmap_id)[:4] == b"\x89PNG"  # the PACS can render the map
+            check_iod(tmp_path, {"fused": pacs.download(fused_id), "heatmap": pacs.download(heatmap_id)})
             check_audit(node.db, job, len(ct_files), len(pt_files))
         finally:
             node.stop()
+
+
+def check_iod(tmp_path: Path, objects: dict[str, bytes]) -> None:
+    """The objects as the PACS holds them conform to their IODs (dciodvfy: no errors)."""
+    from dicomnode.dicomio.validate import find_dciodvfy, validate_file
+
+    require(find_dciodvfy() is not None, "dciodvfy is not installed (dicom3tools)")
+    for name, raw in objects.items():
+        path = tmp_path / f"from-pacs-{name}.dcm"
+        path.write_bytes(raw)
+        report = validate_file(path)
+        assert report.ok, f"{name}: {report.errors}"
 
 
 def check_audit(db: AuditDB, job: Job, n_ct: int, n_pt: int) -> None:
