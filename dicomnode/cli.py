@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=None, help="crop size in pixels (default 80)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     p.add_argument("--no-eval", action="store_true", help="skip the metric table of the model card")
+    p.add_argument("--init", type=Path, default=None, help="fine-tune from these weights")
+    p.add_argument("--loss-weights", default=None, help="SSIM,GRADIENT,INTENSITY loss weights (default 1,20,4)")
 
     p = sub.add_parser("metrics", help="fusion metrics of sources A, B and fused F")
     p.add_argument("a", type=Path)

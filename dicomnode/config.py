@@ -149,18 +149,18 @@ class RegistrationConfig(_Section):
     # Pyramid voxel sizes (mm) per stage, coarse to fine; never finer than the images themselves.
     rigid_levels_mm: tuple[float, ...] = (8.0, 4.0)
     affine_levels_mm: tuple[float, ...] = (4.0, 2.0)
-    deformable_levels_mm: tuple[float, ...] = (4.0, 2.0)
+    deformable_levels_mm: tuple[float, ...] = (4.0,)
     # Random metric samples per pyramid level (cost is per sample, not per voxel).
     samples_per_level: int = Field(20000, ge=1000)
-    deformable_samples_per_level: int = Field(12000, ge=1000)
-    # Optimiser iterations per pyramid level (rigid/affine: regular-step descent; deformable: L-BFGS-B).
+    deformable_samples_per_level: int = Field(15000, ge=1000)
+    # Optimiser iterations per pyramid level (rigid/affine: conjugate gradient; deformable: L-BFGS-B).
     rigid_iterations: int = Field(100, ge=1)
     affine_iterations: int = Field(100, ge=1)
-    deformable_iterations: int = Field(40, ge=1)
+    deformable_iterations: int = Field(20, ge=1)
     # B-spline control point spacing (mm); PET/NM moving images use at least 8x their voxel size.
     bspline_spacing_mm: float = Field(40.0, gt=0)
     # Bound on each B-spline coefficient (mm): MI rewards wild warps of flat regions otherwise.
-    bspline_max_displacement_mm: float = Field(8.0, gt=0)
+    bspline_max_displacement_mm: float = Field(6.0, gt=0)
     # Held-out check: samples, and the least relative metric gain for a stage to be kept.
     heldout_samples: int = Field(40000, ge=1000)
     min_improvement: float = Field(0.0, ge=0.0)
@@ -175,7 +175,8 @@ class RegistrationConfig(_Section):
 class FusionConfig(_Section):
     """Intensity preparation and fusion (see dicomnode.fusion)."""
 
-    default_method: str = "alpha"
+    # The shipped attention fusion network (models/fusion_net.pt); "alpha" is the simple overlay.
+    default_method: str = "network"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
     # Colour map for functional (PT/NM) images: hot | jet | pet | gray.
     colormap: str = "hot"

@@ -154,7 +154,7 @@ def demo_command(args) -> int:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)\b")
     try:
-        run_demo(Path(args.workdir), bool(args.synthetic))
+        run_demo(Path(args.workdir).resolve(), bool(args.synthetic))
         return 0
     except DemoError as exc:
         _say(f"FAILED: {exc}")
@@ -218,6 +218,7 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         pacs.route([pacs.lookup(study_uid, "Study")])
         job = wait_for_job(node.db, JOB_TIMEOUT_S)
         if job.state.value != "done":
+            print(summary_text(node.db))
             raise DemoError(f"job {job.id} failed: {job.reason}")
         _say(f"fused series back in Orthanc {time.monotonic() - started:.1f} s after the upload began")
         marks = timeline(node.db, job.id, routed_at)

@@ -122,7 +122,14 @@ def series_files(session: Session, spool_root: Path, series_uid: str) -> list[Pa
     paths = session.scalars(
         select(Instance.spool_path).join(Series, Instance.series_id == Series.id).where(Series.series_uid == series_uid)
     ).all()
-    return sorted(Path(p) if Path(p).is_absolute() else spool_root / p for p in paths)
+    return sorted(_spool_file(Path(p), spool_root) for p in paths)
+
+
+def _spool_file(path: Path, spool_root: Path) -> Path:
+    # Rows hold absolute paths; a relative one is tried from the working directory, then the spool.
+    if path.is_absolute() or path.exists():
+        return path
+    return spool_root / path
 
 
 def _series_ref(session: Session, series_uid: str) -> SeriesRef:
@@ -276,7 +283,7 @@ class JobWorker:
         try:
             out = self.process(inputs)
         except Exception as exc:
-            log.debug("processing failed", exc_info=True)
+            log.warning("event=processing_error job_id=%s error=%s", job_id, type(exc).__name__, exc_info=True)
             with self.db.session() as session:
                 transition(session, session.get(Job, job_id), JobState.failed, f"processing: {type(exc).__name__}: {exc}")
             return

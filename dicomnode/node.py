@@ -14,20 +14,24 @@ import sys
 import threading
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
+from dicomnode.audit.models import SeriesState
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
-from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected
+from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
 # How often the send queue is polled between wake-ups (seconds); retries are timed by Send rows.
 SEND_POLL_S = 2.0
+# How often spool retention runs (hours); files go once older than retention.spool_days.
+RETENTION_EVERY_H = 6.0
 
 
 class StartupError(RuntimeError):
@@ -60,7 +64,8 @@ class Node:
             from dicomnode.pipeline import warm_up
         self.config = config
         self.db = AuditDB.open(config.storage.database_url)
-        self.spool = Spool(config.storage.spool_dir)
+        # Absolute, so the spool paths recorded in the audit DB do not depend on the working directory.
+        self.spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
         self.sends = SendQueue(self.db, config)
         self.worker = JobWorker(self.db, self.spool, config, process, self.sends.enqueue, on_sending=self.wake_sender,
                                 warm_up=warm_up)
@@ -86,8 +91,18 @@ class Node:
         self._scheduler.add_job(self.check_completion, "interval", seconds=self.config.completion.check_interval_s,
                                 id="completion", next_run_time=now)
         self._scheduler.add_job(self.run_sends, "interval", seconds=SEND_POLL_S, id="sends", next_run_time=now)
+        if self.config.retention.spool_days > 0:
+            # First run one interval after start, so jobs recovered at start use their inputs first.
+            self._scheduler.add_job(self.purge_spool, "interval", hours=RETENTION_EVERY_H, id="retention")
         self._scheduler.start()
-        self.scp.start()
+        try:
+            self.scp.start()
+        except Exception as exc:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+            self.worker.stop(timeout=5)
+            node = self.config.node
+            raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         log.info("event=node_started ae_title=%s host=%s port=%d requeued=%d resent=%d", self.config.node.ae_title,
                  self.config.node.host, self.config.node.port, counts["requeued"], counts["resend"])
 
@@ -110,11 +125,24 @@ class Node:
 
     # -- completion and pairing -------------------------------------------------------------
     def _on_instance(self, series_uid: str) -> None:
-        """Per stored instance (association thread): complete at once when the expected count arrived."""
-        if not self.config.completion.use_expected_count:
-            return
+        """Per stored instance (association thread): complete at once when the expected count arrived.
+
+        An instance for a series already complete is stored and audited but is not part of the
+        job made from that series: it is logged as ``late_instance`` for the administrator.
+        """
         new_jobs: list = []
         try:
+            # Cheap read first: association threads only queue on the lock when a series is due.
+            with self.db.session() as session:
+                progress = series_progress(session, series_uid)
+            if progress is None:
+                return
+            if progress.state == SeriesState.complete:
+                log.warning("event=late_instance series_uid=%s received=%d note=\"series already complete\"",
+                            series_uid, progress.received_count)
+                return
+            if not (self.config.completion.use_expected_count and progress.expected_reached):
+                return
             with self._pairing_lock, self.db.session() as session:
                 complete_if_expected(session, series_uid, self.config.completion,
                                      on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)))
@@ -162,6 +190,15 @@ class Node:
             self.sends.run_due()
             with self.db.session() as session:
                 settle_sending_jobs(session)
+
+
+    # -- retention ---------------------------------------------------------------------------
+    def purge_spool(self) -> None:
+        """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent)."""
+        days = self.config.retention.spool_days
+        report = self.spool.purge_older_than(days)
+        if report.files:
+            log.info("event=retention_purge days=%d files=%d bytes=%d", days, report.files, report.bytes)
 
 
 def serve_command(args) -> int:

@@ -119,6 +119,9 @@ def _candidates(session: Session, series: Series, rule: PairingRule, partner_mod
         query = query.where(Series.study_uid == series.study_uid)
         return list(session.scalars(query.order_by(Series.id)))
     # Patient match: same PatientID is the candidate key; identity is then checked on the rest.
+    # Without an ID there is no patient to match on (two anonymous studies are not one patient).
+    if not (series.patient_id or "").strip():
+        return []
     query = query.where(Series.patient_id == series.patient_id)
     return [s for s in session.scalars(query.order_by(Series.id)) if _within_days(s.study_date, series.study_date, rule.max_days)]
 

@@ -97,3 +97,47 @@ def test_check_config_prints_summary(tmp_path, capsys):
     assert main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("OK ") and "destinations: pacs=PACS@10.0.0.2:104" in out and "rule PT->CT" in out
+
+
+def test_port_in_use_is_a_clear_startup_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = load_config(overrides={
+            "node": {"port": port},
+            "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        })
+        node = Node(cfg, process=lambda inputs: None)
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
+            node.start()
+        node.db.close()
+
+
+def test_spool_retention_purges_old_files_only(tmp_path):
+    cfg = load_config(overrides={
+        "node": {"port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "retention": {"spool_days": 7},
+    })
+    node = Node(cfg, process=lambda inputs: None)
+    old = node.spool.outbox / "1" / "old.dcm"
+    new = node.spool.outbox / "2" / "new.dcm"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(old, (eight_days_ago, eight_days_ago))
+    node.purge_spool()
+    node.db.close()
+    assert not old.exists() and new.exists()
+
+
+def test_relative_spool_dir_is_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides={"storage": {"spool_dir": "var/spool", "database_url": "sqlite:///var/a.db"}})
+    node = Node(cfg, process=lambda inputs: None)
+    node.db.close()
+    assert node.spool.root == tmp_path / "var" / "spool" and node.spool.root.is_absolute()

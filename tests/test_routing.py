@@ -103,3 +103,11 @@ def test_name_mismatch_with_same_id_is_refused(db):
     with db.session() as s:
         pairings, refusals = find_pairings(s, "ct", (CT_PT,))
     assert pairings == [] and refusals[0].mismatch == ("PatientName",)
+
+
+def test_patient_rule_never_matches_on_an_empty_patient_id(db):
+    rule = PairingRule(fixed="CT", moving="PT", match="patient", max_days=30)
+    add(db, "ct", "CT", study="1", pid="", name="", birth="")
+    add(db, "pt", "PT", study="2", pid="", name="", birth="")
+    with db.session() as s:
+        assert find_pairings(s, "pt", (rule,)) == ([], [])

@@ -17,6 +17,7 @@ from dicomnode.store.series import (
     STABLE_AGE,
     complete_due_series,
     complete_if_expected,
+    series_progress,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -126,3 +127,15 @@ def test_racing_checkers_complete_a_series_once(db):
     for t in threads:
         t.join()
     assert len(results) == 1
+
+
+def test_series_progress_is_a_read_only_check(db):
+    add_series(db, "7.1", modality="PT", count=3, expected=4)
+    add_series(db, "7.2", modality="PT", count=4, expected=4)
+    add_series(db, "7.3", count=400)
+    with db.session() as s:
+        progress = [series_progress(s, uid) for uid in ("7.1", "7.2", "7.3")]
+        assert series_progress(s, "absent") is None
+    assert [p.expected_reached for p in progress] == [False, True, False]
+    assert {p.state for p in progress} == {SeriesState.receiving}
+    assert state_of(db, "7.2")[0] == SeriesState.receiving

@@ -19,7 +19,7 @@ import torch
 
 from dicomnode.fusion.datasets import VALIDATION_CASES, PairSample, load_training_data, split_by_case
 from dicomnode.fusion.losses import LossWeights, fusion_loss
-from dicomnode.fusion.network import FusionNet, parameter_count, save_weights
+from dicomnode.fusion.network import FusionNet, load_model, parameter_count, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class TrainSettings:
     seed: int = 0
     # One thread: on a shared 2-core machine two threads spent ~10x the CPU per step waiting on each other.
     threads: int = 1
+    init: Path | None = None  # start from these weights (fine-tuning) instead of from scratch
     volume_share: float = 0.15  # fraction of each batch drawn from 3-D slices, when there are any
     loss: LossWeights = field(default_factory=LossWeights)
 
@@ -100,7 +101,7 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         raise ValueError("no training pairs found (check --data folders)")
     flat = [s for s in train_set if not s.task.endswith("-3D")]
     volume = [s for s in train_set if s.task.endswith("-3D")]
-    model = FusionNet().to(device)
+    model = (load_model(settings.init) if settings.init else FusionNet()).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
@@ -154,9 +155,12 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
 def train_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = TrainSettings(seed=args.seed)
-    for name in ("steps", "batch", "crop", "lr"):
+    for name in ("steps", "batch", "crop", "lr", "init"):
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
+    if getattr(args, "loss_weights", None):
+        ssim, gradient, intensity = (float(v) for v in args.loss_weights.split(","))
+        settings.loss = LossWeights(ssim, gradient, intensity)
     torch.set_num_threads(settings.threads)
     shared = REPO_ROOT.parent / "shared" / "data"
     folders = list(args.data) if args.data else [shared / d for d in DEFAULT_DATA]

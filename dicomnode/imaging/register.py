@@ -246,10 +246,12 @@ class _Engine:
                                        lowerBound=-cfg.bspline_max_displacement_mm,
                                        upperBound=cfg.bspline_max_displacement_mm)
             else:
-                # Scales from physical shift make a unit step ~1 mm; the step is bounded by the level size.
-                r.SetOptimizerAsRegularStepGradientDescent(learningRate=mm / 2, minStep=0.005 * mm,
-                                                           numberOfIterations=n_iter, relaxationFactor=0.6,
-                                                           gradientMagnitudeTolerance=1e-8)
+                # Scales from physical shift make a unit step ~1 mm; each step is bounded by half a level
+                # voxel (an unbounded descent once diverged on an affine stage).
+                r.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=n_iter,
+                                                            convergenceMinimumValue=1e-6, convergenceWindowSize=10,
+                                                            lineSearchUpperLimit=2.0,
+                                                            maximumStepSizeInPhysicalUnits=mm / 2)
                 r.SetOptimizerScalesFromPhysicalShift()
             if linear is not None:
                 r.SetMovingInitialTransform(linear)
@@ -306,7 +308,8 @@ class _Engine:
                     linear = candidate
         final = sitk.CompositeTransform([linear, bspline]) if bspline is not None else sitk.CompositeTransform([linear])
         if self.overlap_voxels(final) < self.cfg.min_overlap_voxels:
-            raise RegistrationFailed("after registration too few voxels of the fixed series map into the moving series")
+            raise RegistrationFailed("too few overlapping voxels after registration: most of the fixed series maps "
+                                     "outside the moving series")
         result.transform = final
         if bspline is not None:
             result.displacement_mm = displacement_magnitude(bspline, self.fixed)

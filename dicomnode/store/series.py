@@ -103,6 +103,27 @@ def complete_due_series(
     return done
 
 
+@dataclass(frozen=True)
+class SeriesProgress:
+    """Where one series stands, read without locking anything but its row."""
+
+    state: SeriesState
+    received_count: int
+    expected_count: int | None
+
+    @property
+    def expected_reached(self) -> bool:
+        return bool(self.expected_count) and self.received_count >= self.expected_count
+
+
+def series_progress(session: Session, series_uid: str) -> SeriesProgress | None:
+    """State and counts of one series (one indexed read, no write); None when unknown."""
+    row = session.execute(
+        select(Series.state, Series.received_count, Series.expected_count).where(Series.series_uid == series_uid)
+    ).first()
+    return None if row is None else SeriesProgress(row.state, row.received_count, row.expected_count)
+
+
 def complete_if_expected(
     session: Session,
     series_uid: str,

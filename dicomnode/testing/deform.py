@@ -90,9 +90,9 @@ def phantom_sources(spacing_mm: float = 2.0, seed: int = 0) -> Sources:
         arr[wm] = w
         arr[vent] = csf
     structure = np.zeros(t1.shape, bool)
-    for i in range(30):  # nuclei with unrelated intensities per modality: a multimodal texture to align
+    for i in range(160):  # nuclei with unrelated intensities per modality: a multimodal texture to align
         c = rng.uniform(-1, 1, 3) * (45, 60, 40)
-        blob = ellipsoid(c, rng.uniform(5, 13, 3)) & brain
+        blob = ellipsoid(c, rng.uniform(4, 10, 3)) & brain
         t1[blob], ct[blob], pet[blob] = rng.uniform(0.2, 0.95), rng.uniform(15, 70), rng.uniform(1.5, 12)
         if i < 3:
             structure |= blob

@@ -16,6 +16,23 @@ from pathlib import Path
 ENV = dict(os.environ, TCP_NODELAY="1")
 
 
+class ReservedPort:
+    """A port bound but not listening: connections to it are refused until ``release``.
+
+    Holding the port keeps another process on the machine from taking it while a test wants it
+    closed (a peer that is down) and reopens it later for its own listener.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+
+    def release(self) -> int:
+        self._sock.close()
+        return self.port
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,6 +76,12 @@ class StoreSCPPeer:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def received_uids(self) -> list[str]:
+        """SOP Instance UID of every received copy (a UID twice = received twice)."""
+        import pydicom
+
+        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.files()]
 
     def __enter__(self) -> StoreSCPPeer:
         return self.start()

@@ -111,7 +111,8 @@ def check_audit(db: AuditDB, job: Job, n_ct: int, n_pt: int) -> None:
         series = {r.modality: r for r in s.scalars(select(Series))}
         assert series["CT"].state == series["PT"].state == SeriesState.complete
         assert (series["CT"].received_count, series["PT"].received_count) == (n_ct, n_pt)
-        assert series["CT"].completion_reason in ("stable_age", "expected_count")
+        assert series["CT"].completion_reason == "stable_age"  # CT carries no expected count
+        assert series["PT"].completion_reason == "expected_count"  # PET's NumberOfSlices arrived
         events = [(e.from_state, e.to_state) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))]
         assert events == EXPECTED_EVENTS
         sends = s.scalars(select(Send).where(Send.job_id == job.id)).all()
@@ -121,6 +122,8 @@ def check_audit(db: AuditDB, job: Job, n_ct: int, n_pt: int) -> None:
         assert per_series and per_slice
         assert {m.slice_index for m in per_slice} == set(range(n_ct))
         assert set(job.timings) >= {"load", "register", "fuse", "encode"}
+        # Both studies share one frame of reference: resampling only, and the report says so.
+        assert job.registration["skipped_reason"] == "same FrameOfReferenceUID"
 
 
 def test_synthetic_study_round_trip(tmp_path):

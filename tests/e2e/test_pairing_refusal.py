@@ -57,7 +57,9 @@ def test_patient_mismatch_in_one_study_is_refused(tmp_path, caplog):
             lines = [r.getMessage() for r in caplog.records if "event=pairing_refused" in r.getMessage()]
             assert len(lines) == 1 and "mismatch=PatientID" in lines[0]
             assert "DN-A" not in lines[0] and "DN-B" not in lines[0]
-            assert peer.files() == []
+            # Nothing of this study came back (a file from an unrelated sender on the machine would not count).
+            study_uid = pydicom.dcmread(study["CT"][0], stop_before_pixels=True).StudyInstanceUID
+            assert not [f for f in peer.files() if pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID == study_uid]
             assert not any(p.is_file() for p in (tmp_path / "spool" / "outbox").rglob("*"))
         finally:
             node.stop()

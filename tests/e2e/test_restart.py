@@ -7,13 +7,15 @@ C-STORE of any output instance would show as an extra file.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
 from tests.conftest import free_port, require_tool
-from tests.e2e.dcmtk_peers import StoreSCPPeer, storescu
+from tests.e2e.dcmtk_peers import ReservedPort, StoreSCPPeer, storescu
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Instance, Job, JobEvent, JobState, Send, SendState, Series, SeriesState
 from dicomnode.config import load_config
@@ -58,8 +60,18 @@ def wait_job(url: str, states: tuple[JobState, ...], timeout_s: float) -> Job:
         db.close()
 
 
-def output_count(job: Job) -> int:
-    return sum(o["count"] for o in job.outputs["series"])
+def output_uids(job: Job) -> list[str]:
+    """SOP Instance UIDs of a job's output files (as written to the outbox)."""
+    return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            for o in job.outputs["series"] for f in o["files"]]
+
+
+def assert_received_once(peer: StoreSCPPeer, job: Job) -> None:
+    """Every output instance arrived exactly once (copies from unrelated senders are ignored)."""
+    expected = output_uids(job)
+    received = Counter(uid for uid in peer.received_uids() if uid in set(expected))
+    assert sorted(received) == sorted(expected)
+    assert set(received.values()) == {1}, {uid: n for uid, n in received.items() if n > 1}
 
 
 def test_stop_before_completion_then_restart_finishes_once(tmp_path, study):
@@ -84,7 +96,8 @@ def test_stop_before_completion_then_restart_finishes_once(tmp_path, study):
             job = wait_job(cfg.storage.database_url, (JobState.done, JobState.failed), 120)
             assert job.state == JobState.done, job.reason
             time.sleep(1.0)  # give a (wrong) duplicate send the chance to arrive
-            assert len(peer.files()) == output_count(job) == len(study["CT"]) + 1
+            assert len(output_uids(job)) == len(study["CT"]) + 1
+            assert_received_once(peer, job)
             with second.db.session() as s:
                 sends = s.scalars(select(Send)).all()
                 assert sends and all(x.state == SendState.sent and x.attempts == 1 for x in sends)
@@ -95,8 +108,8 @@ def test_stop_before_completion_then_restart_finishes_once(tmp_path, study):
 
 def test_pending_sends_survive_a_restart_and_are_not_repeated(tmp_path, study):
     storescp, scu = require_tool("storescp"), require_tool("storescu")
-    node_port, peer_port = free_port(), free_port()
-    cfg = config(tmp_path, node_port, peer_port)
+    node_port, peer_down = free_port(), ReservedPort()
+    cfg = config(tmp_path, node_port, peer_down.port)
     first = Node(cfg)
     first.start()
     try:
@@ -112,14 +125,14 @@ def test_pending_sends_survive_a_restart_and_are_not_repeated(tmp_path, study):
             time.sleep(0.2)
     finally:
         first.stop()
-    with StoreSCPPeer(storescp, tmp_path / "peer", port=peer_port) as peer:
+    with StoreSCPPeer(storescp, tmp_path / "peer", port=peer_down.release()) as peer:
         second = Node(cfg)
         second.start()
         try:
             job = wait_job(cfg.storage.database_url, (JobState.done, JobState.failed), 60)
             assert job.state == JobState.done, job.reason
             time.sleep(1.0)
-            assert len(peer.files()) == output_count(job)
+            assert_received_once(peer, job)
             with second.db.session() as s:
                 sends = s.scalars(select(Send)).all()
                 assert all(x.state == SendState.sent and x.attempts >= 2 for x in sends)

@@ -1,0 +1,181 @@
+"""Registration accuracy and speed on generated full-size cases: ours vs elastix and ANTs defaults.
+
+Run: python benchmarks/registration.py [--size 192 192 128] [--cases CT,PT] [--refs elastix,ants]
+     [--write-docs]. elastix (itk-elastix) and ANTs (antspyx) are the `bench` extra; a missing one is
+reported and skipped. Prints a markdown table; --write-docs puts it under "## Registration" in
+docs/benchmarks.md. TRE = |T(x) - G(x)| (mm) over points inside the fixed brain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dicomnode.config import RegistrationConfig
+from dicomnode.imaging.register import register_volumes
+from dicomnode.testing.deform import RegistrationCase, Score, best_affine_fit, make_case, mni_sources, phantom_sources, score
+
+REPO = Path(__file__).resolve().parents[1]
+MNI = REPO.parent / "shared" / "data" / "nifti" / "mni152_icbm2009a_nilearn"
+
+
+def _point_indices(case: RegistrationCase) -> np.ndarray:
+    img = case.fixed.image
+    return np.array([img.TransformPhysicalPointToIndex(tuple(float(v) for v in p)) for p in case.points])
+
+
+def _score_mapped(case: RegistrationCase, mapped: np.ndarray) -> Score:
+    truth = np.array([case.truth.TransformPoint(tuple(float(v) for v in p)) for p in case.points])
+    err = np.linalg.norm(mapped - truth, axis=1)
+    return Score(float(err.mean()), float(np.percentile(err, 95)), float(err.max()), float("nan"))
+
+
+def run_ours(case: RegistrationCase) -> list[tuple[str, float, Score]]:
+    result = register_volumes(case.fixed, case.moving, RegistrationConfig(mode="always"))
+    rows, elapsed = [], 0.0
+    linear = result.transform.GetNthTransform(0)
+    for s in result.stages:
+        elapsed += s.seconds
+        tx = result.transform if s.name == "deformable" else linear
+        label = s.name if s.kept else f"{s.name} (not kept)"
+        rows.append((label, elapsed, score(case, tx) if s.name != "rigid" else Score(*[float("nan")] * 4)))
+    rows.append(("total", result.seconds, score(case, result.transform)))
+    return rows
+
+
+def _to_itk(img: sitk.Image):
+    import itk
+
+    out = itk.GetImageFromArray(sitk.GetArrayFromImage(img).astype(np.float32))
+    out.SetOrigin(img.GetOrigin())
+    out.SetSpacing(img.GetSpacing())
+    out.SetDirection(itk.matrix_from_array(np.array(img.GetDirection()).reshape(3, 3)))
+    return out
+
+
+def run_elastix(case: RegistrationCase) -> list[tuple[str, float, Score]]:
+    import itk
+
+    fixed, moving = _to_itk(case.fixed.image), _to_itk(case.moving.image)
+    params = itk.ParameterObject.New()
+    for name in ("rigid", "affine", "bspline"):
+        params.AddParameterMap(params.GetDefaultParameterMap(name))
+    t0 = time.perf_counter()
+    _, result = itk.elastix_registration_method(fixed, moving, parameter_object=params, log_to_console=False)
+    seconds = time.perf_counter() - t0
+    idx = _point_indices(case)
+    rows = []
+    for label, n in (("affine", 2), ("bspline", 3)):
+        partial = itk.ParameterObject.New()
+        for i in range(n):
+            partial.AddParameterMap(result.GetParameterMap(i))
+        field = itk.GetArrayFromImage(itk.transformix_deformation_field(moving, partial))  # (z, y, x, 3), mm
+        mapped = case.points + field[idx[:, 2], idx[:, 1], idx[:, 0]]
+        rows.append((label, seconds if n == 3 else float("nan"), _score_mapped(case, mapped)))
+    return rows
+
+
+def run_ants(case: RegistrationCase) -> list[tuple[str, float, Score]]:
+    import ants
+
+    def to_ants(img: sitk.Image):
+        arr = sitk.GetArrayFromImage(img).astype(np.float32).transpose(2, 1, 0)  # ANTs arrays are (x, y, z)
+        return ants.from_numpy(arr, origin=img.GetOrigin(), spacing=img.GetSpacing(),
+                               direction=np.array(img.GetDirection()).reshape(3, 3))
+
+    fixed, moving = to_ants(case.fixed.image), to_ants(case.moving.image)
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, type_of_transform="SyN")
+    seconds = time.perf_counter() - t0
+    # Warp images of moving-space coordinates: the warped value at a fixed voxel is T(x), whatever
+    # the transform file conventions.
+    grid = case.moving.image
+    coords = [sitk.Image(grid.GetSize(), sitk.sitkFloat32) for _ in range(3)]
+    phys = np.stack(np.meshgrid(*[np.arange(n) for n in grid.GetSize()], indexing="ij"), -1).reshape(-1, 3)
+    d = np.array(grid.GetDirection()).reshape(3, 3)
+    points = (d @ (phys * np.array(grid.GetSpacing())).T).T + np.array(grid.GetOrigin())
+    idx = _point_indices(case)
+    rows = []
+    for label, transforms in (("affine", [t for t in reg["fwdtransforms"] if t.endswith(".mat")]),
+                              ("SyN", reg["fwdtransforms"])):
+        mapped = []
+        for axis in range(3):
+            arr = points[:, axis].reshape(grid.GetSize()).astype(np.float32)  # (x, y, z)
+            img = ants.from_numpy(arr, origin=grid.GetOrigin(), spacing=grid.GetSpacing(), direction=d)
+            warped = ants.apply_transforms(fixed, img, transforms, interpolator="linear").numpy()
+            mapped.append(warped[idx[:, 0], idx[:, 1], idx[:, 2]])
+        rows.append((label, seconds if label == "SyN" else float("nan"), _score_mapped(case, np.stack(mapped, 1))))
+    del coords
+    return rows
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return "–" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=3, default=(192, 192, 128))
+    parser.add_argument("--cases", default="CT,PT", help="moving modalities (fixed is the MR)")
+    parser.add_argument("--refs", default="elastix,ants")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+
+    sources = mni_sources(MNI) if MNI.is_dir() else phantom_sources(1.2)
+    source_name = "MNI152 2009a" if MNI.is_dir() else "synthetic phantom"
+    runners = {"ours": run_ours, "elastix": run_elastix, "ants": run_ants}
+    lines = ["| case | method | stage | seconds (cumulative) | TRE mean | TRE p95 | TRE max | Dice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for moving in args.cases.split(","):
+        case = make_case(sources, moving, fixed_size=tuple(args.size), deformation_mm=4.0, seed=args.seed)
+        label = f"MR <- {moving}-like"
+        fit = score(case, best_affine_fit(case))
+        start = score(case, sitk.Transform(3, sitk.sitkIdentity))
+        lines.append(f"| {label} | (start) | identity | – | {_fmt(start.mean_mm)} | {_fmt(start.p95_mm)} | "
+                     f"{_fmt(start.max_mm)} | {_fmt(start.dice)} |")
+        lines.append(f"| {label} | (bound) | best affine fit | – | {_fmt(fit.mean_mm)} | {_fmt(fit.p95_mm)} | "
+                     f"{_fmt(fit.max_mm)} | {_fmt(fit.dice)} |")
+        for name in ["ours"] + [r for r in args.refs.split(",") if r]:
+            try:
+                rows = runners[name](case)
+            except ImportError as exc:
+                lines.append(f"| {label} | {name} | not installed ({exc.name}) | | | | | |")
+                continue
+            for stage, seconds, s in rows:
+                lines.append(f"| {label} | {name} | {stage} | {_fmt(seconds, 1)} | {_fmt(s.mean_mm)} | "
+                             f"{_fmt(s.p95_mm)} | {_fmt(s.max_mm)} | {_fmt(s.dice)} |")
+            print(lines[-1], flush=True)
+    load = os.getloadavg()
+    header = (f"Cases: {source_name} T1 as fixed MR ({'x'.join(map(str, args.size))}), moving CT-like / PET-like "
+              f"(4 mm, blurred, noisy), known rigid + affine + smooth deformation (p95 4 mm), seed {args.seed}. "
+              f"Machine: {platform.machine()}, nproc {os.cpu_count()}, load average "
+              f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end (a shared machine: timings are contended), "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}. Reference tools with their default settings "
+              "(elastix: default rigid, affine, bspline maps; ANTs: `SyN`).")
+    table = header + "\n\n" + "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.write_docs:
+        _write_docs(REPO / "docs" / "benchmarks.md", table)
+    return 0
+
+
+def _write_docs(path: Path, table: str) -> None:
+    """Replace the body of the '## Registration' section, leaving other sections untouched."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "## Registration\n\n" + table + "\n"
+    pattern = re.compile(r"^## Registration\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""DICOM series -> volume: geometry, ordering, rescale, units, multi-frame, errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.imaging.volume import VolumeError, load_series, volume_from_datasets
+
+CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _slice(pixels: np.ndarray, position, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.8, 0.6), instance=1,
+           series_uid="1.2.3.4", modality="CT", slope=1.0, intercept=0.0) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT_SOP
+    ds.SOPClassUID = CT_SOP
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", series_uid, "1.2.3.9"
+    ds.Modality, ds.InstanceNumber = modality, instance
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = list(spacing)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def _stack(n=5, dz=2.5, orientation=(1, 0, 0, 0, 1, 0), origin=(10.0, -20.0, 30.0), **kw) -> list[Dataset]:
+    row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    normal = np.cross(row, col)
+    return [_slice(np.full((4, 6), 100 + k, np.uint16) + np.arange(6, dtype=np.uint16), np.array(origin) + k * dz * normal,
+                   orientation, instance=n - k, **kw) for k in range(n)]
+
+
+def _write(datasets, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ds in enumerate(datasets):
+        ds.save_as(folder / f"{i:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_oblique_orientation_gives_direction_and_origin(tmp_path):
+    c, s = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
+    iop = (c, s, 0.0, 0.0, 0.0, -1.0)  # oblique coronal-ish plane
+    vol = load_series([_write(_stack(orientation=iop), tmp_path / "s")])
+    direction = np.array(vol.image.GetDirection()).reshape(3, 3)
+    assert np.allclose(direction[:, 0], iop[:3]) and np.allclose(direction[:, 1], iop[3:])
+    assert np.allclose(direction[:, 2], np.cross(iop[:3], iop[3:]))
+    assert np.allclose(vol.image.GetSpacing(), (0.6, 0.8, 2.5))  # PixelSpacing is (row, column)
+    assert np.allclose(vol.image.GetOrigin(), (10, -20, 30))
+    # A voxel's physical point is the DICOM position of that slice/row/column.
+    p = vol.image.TransformIndexToPhysicalPoint((2, 1, 3))
+    expected = np.array([10, -20, 30]) + 2 * 0.6 * np.array(iop[:3]) + 1 * 0.8 * np.array(iop[3:]) + 3 * 2.5 * direction[:, 2]
+    assert np.allclose(p, expected)
+
+
+def test_sorted_by_position_not_instance_number_and_reversed_files(tmp_path):
+    stack = _stack(n=6)  # InstanceNumber runs opposite to position
+    vol = load_series([_write(stack[::-1], tmp_path / "s")])
+    arr = vol.array
+    assert [int(arr[k, 0, 0]) for k in range(6)] == [100 + k for k in range(6)]
+    assert [float(h.ImagePositionPatient[2]) for h in vol.headers] == sorted(float(h.ImagePositionPatient[2]) for h in vol.headers)
+    assert all("PixelData" not in h for h in vol.headers)
+
+
+def test_negative_normal_stack_sorts_along_normal():
+    # Positions decreasing in z while the normal is +z: order must still follow the normal.
+    stack = _stack(n=4, dz=-3.0)
+    vol = volume_from_datasets(stack)
+    assert vol.image.GetSpacing()[2] == pytest.approx(3.0)
+    assert vol.image.GetOrigin()[2] == pytest.approx(30 - 9.0)
+
+
+def test_rescale_slope_intercept_applied():
+    vol = volume_from_datasets(_stack(n=3, slope=2.0, intercept=-1024.0))
+    assert vol.array[0, 0, 0] == pytest.approx(2 * 100 - 1024)
+    assert vol.units == "HU" and vol.array.dtype == np.float32
+
+
+def test_gap_and_uneven_spacing_are_errors():
+    stack = _stack(n=6)
+    with pytest.raises(VolumeError, match="gap"):
+        volume_from_datasets(stack[:2] + stack[3:])
+    uneven = _stack(n=5)
+    uneven[3].ImagePositionPatient = [10.0, -20.0, 30 + 3 * 2.5 + 0.6]
+    with pytest.raises(VolumeError, match="uneven"):
+        volume_from_datasets(uneven)
+    dup = _stack(n=3)
+    with pytest.raises(VolumeError, match="share the position"):
+        volume_from_datasets(dup + [copy.deepcopy(dup[1])])
+
+
+def test_mixed_series_is_an_error():
+    with pytest.raises(VolumeError, match="different series"):
+        volume_from_datasets(_stack(n=2) + _stack(n=2, series_uid="9.9"))
+
+
+def test_pet_bqml_converted_to_suv_bw():
+    stack = _stack(n=3, modality="PT", slope=0.5)
+    for ds in stack:
+        ds.Units, ds.DecayCorrection, ds.PatientWeight, ds.SeriesTime = "BQML", "START", 80, "110000"
+        info = Dataset()
+        info.RadionuclideTotalDose, info.RadionuclideHalfLife, info.RadiopharmaceuticalStartTime = 400e6, 6586.2, "100000"
+        ds.RadiopharmaceuticalInformationSequence = Sequence([info])
+    vol = volume_from_datasets(stack)
+    decayed = 400e6 * 2 ** (-3600 / 6586.2)
+    assert vol.units == "SUVbw"
+    assert vol.suv_factor == pytest.approx(80_000 / decayed)
+    assert vol.array[0, 0, 0] == pytest.approx(0.5 * 100 * 80_000 / decayed, rel=1e-5)
+    del stack[0].PatientWeight
+    fresh = _stack(n=3, modality="PT")
+    for ds in fresh:
+        ds.Units = "BQML"
+    vol = volume_from_datasets(fresh)
+    assert vol.units == "BQML" and "kept Bq/ml" in vol.units_note
+
+
+def _emri(shared_data: Path) -> Path:
+    path = shared_data / "dicom" / "pydicom_samples" / "emri_small.dcm"
+    assert path.is_file()
+    return path
+
+
+def test_multiframe_without_functional_groups_is_a_clear_error(shared_data):
+    with pytest.raises(VolumeError, match="functional groups"):
+        load_series([_emri(shared_data)])
+
+
+def test_multiframe_enhanced_with_functional_groups(shared_data, tmp_path):
+    ds = pydicom.dcmread(_emri(shared_data))
+    n = int(ds.NumberOfFrames)
+    shared = Dataset()
+    ori, meas = Dataset(), Dataset()
+    ori.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    meas.PixelSpacing, meas.SliceThickness = [0.9, 0.7], 4.0
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([ori]), Sequence([meas])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for i in range(n):
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [0.0, 50.0 - 4.0 * ((i * 3) % n), 0.0]  # frames stored out of order
+        item.PlanePositionSequence = Sequence([pos])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.save_as(tmp_path / "mf.dcm")
+    vol = load_series([tmp_path / "mf.dcm"])
+    assert vol.image.GetSize() == (int(ds.Columns), int(ds.Rows), n)
+    assert np.allclose(vol.image.GetSpacing(), (0.7, 0.9, 4.0))
+    assert np.allclose(np.array(vol.image.GetDirection()).reshape(3, 3)[:, 2], (0, 1, 0))  # row x column = +y
+    frames_in_z = [int(h.ReferencedFrameNumber) for h in vol.headers]
+    assert sorted(frames_in_z) == list(range(1, n + 1)) and frames_in_z != list(range(1, n + 1))
+    assert {h.SOPInstanceUID for h in vol.headers} == {ds.SOPInstanceUID}
+    ys = [float(h.ImagePositionPatient[1]) for h in vol.headers]
+    assert ys == sorted(ys)
+    # Each z slice carries its own frame's pixels.
+    first = int(vol.headers[0].ReferencedFrameNumber) - 1
+    assert np.array_equal(vol.array[0], ds.pixel_array[first].astype(np.float32))
+
+
+def test_sts_ct_pet_mr_load(sts_dir):
+    vols = {m: load_series([sts_dir / m / "dicom" / "image"]) for m in ("CT", "PET", "MR_T1")}
+    ct, pet, mr = vols["CT"], vols["PET"], vols["MR_T1"]
+    assert ct.image.GetSize() == (161, 143, 48) and ct.units == "HU" and ct.array.min() == pytest.approx(-1000)
+    assert pet.image.GetSize() == (30, 27, 48) and pet.units == "SUVbw"  # stored as GML
+    assert 15 < float(pet.array.max()) < 30
+    assert mr.image.GetSize() == (115, 90, 35) and mr.units == ""
+    assert np.allclose(ct.image.GetSpacing(), (0.976562, 0.976562, 3.27), atol=1e-3)
+    assert len({v.frame_of_reference_uid for v in vols.values()}) == 1
+    assert len(ct.headers) == 48 and all("PixelData" not in h for h in ct.headers)
+    # The PET and CT fields of view overlap in patient space (same scanner frame).
+    assert abs(ct.image.GetOrigin()[2] - pet.image.GetOrigin()[2]) < 1.0
