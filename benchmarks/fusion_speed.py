@@ -1,6 +1,6 @@
 """Fusion throughput in slices/s per method and slice size, on CPU and (when present) CUDA.
 
-Usage: python benchmarks/fusion_speed.py [--sizes 256,512] [--methods all] [--seconds 3]
+Usage: python benchmarks/fusion_speed.py [--sizes 256,512] [--methods all] [--seconds 3] [--threads N]
 Random inputs (content does not change the cost of any method); batch = fusion.batch_size.
 The network is timed without and with explanations (contribution + Grad-CAM saliency), and on
 CUDA also with bfloat16 autocast. Prints a markdown table.
@@ -43,7 +43,10 @@ def main() -> None:
     parser.add_argument("--methods", default="all")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = [m for m in available_methods()] if args.methods == "all" else args.methods.split(",")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -159,13 +159,17 @@ class RegistrationConfig(_Section):
     deformable_iterations: int = Field(20, ge=1)
     # B-spline control point spacing (mm); PET/NM moving images use at least 8x their voxel size.
     bspline_spacing_mm: float = Field(40.0, gt=0)
+    # Moving modalities the deformable stage runs for ("" = files without a DICOM modality). Empty by
+    # default: on generated brain cases B-spline MI rose while the error grew, which the held-out MI
+    # check cannot see (docs/benchmarks.md, Registration). Add e.g. "PT" to opt in.
+    deformable_modalities: tuple[str, ...] = ()
     # Bound on each B-spline coefficient (mm): MI rewards wild warps of flat regions otherwise.
     bspline_max_displacement_mm: float = Field(6.0, gt=0)
     # Held-out check: samples, and the least relative metric gain for a stage to be kept.
     heldout_samples: int = Field(40000, ge=1000)
     min_improvement: float = Field(0.0, ge=0.0)
     # Refuse (RegistrationFailed) below these: overlapping fixed-mask voxels, slices per volume.
-    min_overlap_voxels: int = Field(2000, ge=1)
+    min_overlap_voxels: int = Field(500, ge=1)
     min_slices: int = Field(4, ge=2)
     # Worker threads for SimpleITK; 0 = all cores.
     threads: int = Field(0, ge=0)
@@ -189,8 +193,8 @@ class FusionConfig(_Section):
     # MR and NM: robust percentiles (low, high) of the non-zero voxels mapped to 0 and 1.
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     nm_percentiles: tuple[float, float] = (0.0, 99.5)
-    # PET in SUV: fixed upper bound (None: use pet_percentile); other units always use the percentile.
-    pet_suv_max: float | None = Field(10.0, gt=0)
+    # PET in SUV: fixed upper bound (0: use pet_percentile); other units always use the percentile.
+    pet_suv_max: float = Field(10.0, ge=0)
     pet_percentile: float = Field(99.5, gt=0, le=100)
     # Moving-signal threshold of the alpha overlay, as a fraction of the prepared range.
     alpha_threshold: float = Field(0.02, ge=0.0, lt=1.0)

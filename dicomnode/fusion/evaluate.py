@@ -76,6 +76,14 @@ def write_model_card(path: Path, summary: dict, table: dict | None) -> None:
     """Write ``MODEL_CARD.md``: data, losses, hyper-parameters, metrics against the baselines, limits."""
     settings = summary["settings"]
     metrics_text = markdown_table(table) if table else "_not evaluated (run `benchmarks/fusion_quality.py`)_\n"
+    if table:
+        counts = {task: len(wins(rows)) for task, rows in sorted(table.items())}
+        met = all(n >= 4 for n in counts.values())
+        metrics_text += (
+            "\n**Quality target** (beat every classical baseline on at least 4 of the 5 metrics per task): "
+            + ("met" if met else "**not met**") + " - "
+            + ", ".join(f"{task} {n}/5" for task, n in counts.items()) + ".\n"
+        )
     text = f"""# Model card: attention fusion network (`fusion_net.pt`)
 
 **Not for primary diagnosis.** The fused images are a reading aid next to the source series,
@@ -107,7 +115,8 @@ Random {settings['crop']} x {settings['crop']} crops, batch {settings['batch']},
 fixed/moving swapped at random; AdamW (lr {settings['lr']}, weight decay {settings['weight_decay']}),
 100-step warm-up then cosine decay, {settings['steps']} steps, gradient clipping 1.0, seed {settings['seed']}.
 The state with the lowest validation loss (step {summary['best_step']}) is kept.
-Trained on {summary['device']} in {summary['train_seconds']} s (2 shared CPU cores).
+Trained on {summary['device']} in {summary['train_seconds']} s ({settings['threads']} torch thread(s); the 2-core
+machine was shared with other work).
 
 ## Metrics on the validation cases
 Luminance, 0..255, `dicomnode.quality.metrics` conventions (F rounded to 8 bits, MI in bits,

@@ -63,7 +63,7 @@ def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fus
         out = _scale(array, *_percentile_range(array, *cfg.mr_percentiles))
     elif modality == "PT":
         is_suv = (units or "").upper() in {"GML", "SUV", "SUVBW", "G/ML"}
-        if is_suv and cfg.pet_suv_max is not None:
+        if is_suv and cfg.pet_suv_max > 0:
             out = _scale(array, 0.0, float(cfg.pet_suv_max))
         else:
             out = _scale(array, 0.0, _percentile_range(array, 0.0, cfg.pet_percentile)[1])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicomnode.fusion.api import resolve_device
 from dicomnode.fusion.datasets import VALIDATION_CASES, PairSample, load_training_data, split_by_case
 from dicomnode.fusion.losses import LossWeights, fusion_loss
 from dicomnode.fusion.network import FusionNet, load_model, parameter_count, save_weights
@@ -41,14 +42,6 @@ class TrainSettings:
     init: Path | None = None  # start from these weights (fine-tuning) instead of from scratch
     volume_share: float = 0.15  # fraction of each batch drawn from 3-D slices, when there are any
     loss: LossWeights = field(default_factory=LossWeights)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +139,9 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         "best_val_loss": best[0],
         "train_seconds": round(time.perf_counter() - start),
         "history": history,
-        "settings": {**{k: v for k, v in asdict(settings).items() if k != "loss"}, "loss": asdict(settings.loss)},
+        # Plain types only: the weights file is read back with torch.load(weights_only=True).
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items() if k != "loss"},
+                     "loss": asdict(settings.loss)},
         "device": str(device),
     }
     return model.cpu(), summary

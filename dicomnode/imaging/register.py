@@ -124,12 +124,20 @@ def _check_raw_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
                                  "in patient coordinates): different body region or patient?")
 
 
+def _modality(vol: Volume) -> str:
+    """The DICOM modality; for files without one, "CT" when the values look like HU (air near -1000)."""
+    if vol.modality:
+        return vol.modality
+    sample = sitk.GetArrayViewFromImage(vol.image)[::2, ::2, ::2]
+    return "CT" if float(np.percentile(sample, 0.5)) < -500 else ""
+
+
 def _prepare(vol: Volume, config: RegistrationConfig) -> sitk.Image:
     """Float32 image with intensities clamped for mutual information (CT: soft-tissue window)."""
     img = sitk.Cast(vol.image, sitk.sitkFloat32)
     sample = sitk.GetArrayViewFromImage(img)[::2, ::2, ::2]
     lo, hi = np.percentile(sample, [0.5, 99.5])
-    if vol.modality == "CT" or (vol.modality == "" and lo < -500 and hi > 0):  # NIfTI in HU
+    if _modality(vol) == "CT":
         lo, hi = config.ct_window_hu
     return sitk.Clamp(img, sitk.sitkFloat32, float(lo), float(max(hi, lo + 1e-3)))
 
@@ -159,7 +167,7 @@ class _Engine:
 
     def __init__(self, fixed: sitk.Image, moving: sitk.Image, moving_vol: Volume, config: RegistrationConfig):
         self.fixed, self.moving, self.cfg = fixed, moving, config
-        self.moving_modality = moving_vol.modality
+        self.moving_modality = _modality(moving_vol)
         # No level finer than the moving voxels (geometric mean): PET at 1 mm is wasted work.
         self.floor_mm = float(np.prod(moving.GetSpacing()) ** (1 / 3))
         self._levels: dict[float, _Level] = {}
@@ -210,7 +218,7 @@ class _Engine:
         ones = sitk.Image(lv.moving.GetSize(), sitk.sitkUInt8) + 1
         ones.CopyInformation(lv.moving)
         inside = sitk.Resample(ones, lv.mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        return int(sitk.GetArrayViewFromImage(inside * lv.mask).sum())
+        return int(sitk.GetArrayFromImage(inside * lv.mask).sum())
 
     def initial(self) -> tuple[str, sitk.Euler3DTransform]:
         lv = self.level(self._stage_levels("rigid")[0] if "rigid" in self.cfg.stages else self.eval_level.mm)
@@ -279,6 +287,11 @@ class _Engine:
         bspline: sitk.Transform | None = None
         for stage in self.cfg.stages:
             t0 = time.perf_counter()
+            if stage == "deformable" and self.moving_modality not in self.cfg.deformable_modalities:
+                result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
+                                                 f"not run for a {self.moving_modality} moving series "
+                                                 "(registration.deformable_modalities)"))
+                continue
             if stage == "rigid":
                 candidate = sitk.Euler3DTransform(linear if isinstance(linear, sitk.Euler3DTransform) else init_tx)
             elif stage == "affine":

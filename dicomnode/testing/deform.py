@@ -109,30 +109,38 @@ def phantom_sources(spacing_mm: float = 2.0, seed: int = 0) -> Sources:
 
 
 def mni_sources(nifti_dir: Path) -> Sources:
-    """MNI152 2009a T1 (brain only) + GM/WM maps -> CT-like (with a synthetic skull) and PET-like images."""
+    """MNI152 2009a T1 + GM/WM maps -> a head (synthetic CSF rim, skull, scalp) in T1, CT and PET.
+
+    The template is skull-stripped; the same synthetic layers are added to every modality so the
+    images stay a consistent multimodal pair (T1: dark skull, bright scalp; CT: bright skull).
+    """
     base = Path(nifti_dir)
     t1 = sitk.ReadImage(str(next(base.glob("*t1*.nii*"))), sitk.sitkFloat32)
     g, w = (sitk.GetArrayFromImage(sitk.ReadImage(str(next(base.glob(f"*{k}*.nii*"))), sitk.sitkFloat32)) / 255.0
             for k in ("gm", "wm"))  # stored as probability x 255
     a = sitk.GetArrayFromImage(t1)
-    brain = sitk.BinaryFillhole(sitk.BinaryThreshold(sitk.SmoothingRecursiveGaussian(t1, 1.0),
-                                                     float(0.1 * np.percentile(a, 99)), 1e30, 1, 0))
-    inner = sitk.GetArrayFromImage(sitk.BinaryDilate(brain, [1] * 3)).astype(bool)
-    outer = sitk.GetArrayFromImage(sitk.BinaryDilate(brain, [7] * 3)).astype(bool)
+    peak = float(np.percentile(a, 99))
+    brain = sitk.BinaryFillhole(sitk.BinaryThreshold(sitk.SmoothingRecursiveGaussian(t1, 1.0), 0.1 * peak, 1e30, 1, 0))
     b = sitk.GetArrayFromImage(brain).astype(bool)
-    csf = np.clip(1 - g - w, 0, 1) * b
-    ct = np.full(a.shape, -1000.0, np.float32)
-    ct[outer & ~inner] = 900.0  # the template is skull-stripped: a 6 mm skull shell around the brain
-    ct[inner & ~b] = 10.0
+    rim, skull, scalp = (sitk.GetArrayFromImage(sitk.BinaryDilate(brain, [r] * 3)).astype(bool) for r in (2, 7, 11))
+    layers = ((scalp & ~skull, 0.7 * peak, 20.0, 0.6), (skull & ~rim, 0.05 * peak, 900.0, 0.3),
+              (rim & ~b, 0.15 * peak, 10.0, 0.4))
+    t1_head, ct = np.where(b, a, 0.0).astype(np.float32), np.full(a.shape, -1000.0, np.float32)
+    pet = np.zeros(a.shape, np.float32)
+    for region, t1_value, ct_value, pet_value in layers:
+        t1_head[region], ct[region], pet[region] = t1_value, ct_value, pet_value
+    csf = np.clip(1 - g - w, 0, 1)
     ct[b] = (8 * csf + 40 * g + 28 * w)[b]
-    pet = np.where(b, 0.4 * csf + 8 * g + 2.5 * w, 0.0).astype(np.float32)
+    pet[b] = (0.4 * csf + 8 * g + 2.5 * w)[b]
 
     def image(arr):
         img = sitk.GetImageFromArray(arr)
         img.CopyInformation(t1)
         return img
 
-    return Sources(t1, image(ct), image(pet), brain, image((w > 0.5).astype(np.uint8)))
+    head = image(scalp.astype(np.uint8))
+    t1_smooth = sitk.SmoothingRecursiveGaussian(image(t1_head), 0.5)  # soften the synthetic layer edges
+    return Sources(t1_smooth, image(ct), image(pet), head, image((w > 0.5).astype(np.uint8)))
 
 
 def smooth_displacement(reference: sitk.Image, body: sitk.Image, p95_mm: float, seed: int,
@@ -147,7 +155,7 @@ def smooth_displacement(reference: sitk.Image, body: sitk.Image, p95_mm: float, 
         noise.CopyInformation(grid)
         comps.append(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, correlation_mm)))
     field = np.stack(comps, axis=-1)
-    inside = sitk.GetArrayViewFromImage(sitk.Resample(body, grid, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+    inside = sitk.GetArrayFromImage(sitk.Resample(body, grid, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
     field *= p95_mm / np.percentile(np.linalg.norm(field[inside], axis=-1), 95)
     disp = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
     disp.CopyInformation(grid)
@@ -224,8 +232,8 @@ def score(case: RegistrationCase, transform: sitk.Transform) -> Score:
     """TRE (mm) of ``transform`` against the truth over the case's points, and structure Dice."""
     err = np.linalg.norm(_map(transform, case.points) - _map(case.truth, case.points), axis=1)
     ref = case.fixed.image
-    est = sitk.GetArrayViewFromImage(sitk.Resample(case.structure, ref, transform, sitk.sitkNearestNeighbor, 0)) > 0
-    tru = sitk.GetArrayViewFromImage(sitk.Resample(case.structure, ref, case.truth, sitk.sitkNearestNeighbor, 0)) > 0
+    est = sitk.GetArrayFromImage(sitk.Resample(case.structure, ref, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    tru = sitk.GetArrayFromImage(sitk.Resample(case.structure, ref, case.truth, sitk.sitkNearestNeighbor, 0)) > 0
     dice = 2 * float((est & tru).sum()) / max(1, int(est.sum() + tru.sum()))
     return Score(float(err.mean()), float(np.percentile(err, 95)), float(err.max()), dice)
 

@@ -35,7 +35,7 @@ def test_pet_suv_fixed_bound_and_percentile_fallback():
     counts = np.linspace(0, 1000, 1001)
     out = prepare_intensities(counts, "PT", "BQML", cfg)
     assert out.max() == 1 and out[500] == pytest.approx(500 / np.percentile(counts[1:], 99.5), rel=1e-3)
-    by_pct = prepare_intensities(suv, "PT", "GML", cfg.model_copy(update={"pet_suv_max": None}))
+    by_pct = prepare_intensities(suv, "PT", "GML", cfg.model_copy(update={"pet_suv_max": 0.0}))
     assert by_pct[-1] == 1 and by_pct[1] > 0.25
 
 

@@ -42,7 +42,11 @@ def test_train_command_writes_weights_and_model_card(aanlib_dir, tmp_path):
             (pet / path.name).write_bytes(path.read_bytes())
     args = argparse.Namespace(data=[pet], out=tmp_path / "models", epochs=None, device="cpu", seed=0,
                               steps=4, batch=2, crop=32, lr=None, no_eval=True)
-    assert train_command(args) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert train_command(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command pins threads for the whole process
     model = load_model(tmp_path / "models" / "fusion_net.pt")
     assert model is not None
     card = (tmp_path / "models" / "MODEL_CARD.md").read_text()

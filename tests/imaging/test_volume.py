@@ -121,8 +121,7 @@ def test_pet_bqml_converted_to_suv_bw():
     assert vol.units == "SUVbw"
     assert vol.suv_factor == pytest.approx(80_000 / decayed)
     assert vol.array[0, 0, 0] == pytest.approx(0.5 * 100 * 80_000 / decayed, rel=1e-5)
-    del stack[0].PatientWeight
-    fresh = _stack(n=3, modality="PT")
+    fresh = _stack(n=3, modality="PT")  # no dose or weight: stays Bq/ml, and says so
     for ds in fresh:
         ds.Units = "BQML"
     vol = volume_from_datasets(fresh)
