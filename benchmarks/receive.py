@@ -1,12 +1,15 @@
-"""Receive-path benchmark: DCMTK storescu -> (a) the node's StoreSCP, (b) DCMTK storescp.
+"""Receive-path benchmark: DCMTK storescu -> the node's StoreSCP, and -> DCMTK storescp.
 
 300 synthetic 512x512 int16 CT instances are generated once, then sent ``--reps`` times to each
-receiver with ``TCP_NODELAY=1`` and a 128 KiB PDU on one association. The node writes a durable
-spool (fsync per file) and a SQLite audit DB, exactly as in service. Prints the median instances/s
-of each and their ratio; ``--write-docs`` puts the figures under ``## Receive path`` in
-docs/benchmarks.md.
+receiver with ``TCP_NODELAY=1`` and a 128 KiB PDU, once on one association and once split over
+``--parallel`` concurrent storescu processes (one association each). The node writes a durable
+spool (fsync of file and folder per instance) and a SQLite audit DB, exactly as in service.
+storescp runs twice: as is (no fsync) and with a per-file ``sync FILE FOLDER`` run synchronously
+on reception (``-xcr ... -xs``; DCMTK 3.6.7 has no fsync option), the nearest like-for-like.
+Prints medians and ratios; ``--write-docs`` puts them under ``## Receive path`` in
+docs/benchmarks.md. ``--max-load`` waits (up to ``--load-wait`` s) for a quieter machine first.
 
-    python benchmarks/receive.py [--count 300] [--reps 5] [--write-docs]
+    python benchmarks/receive.py [--count 300] [--reps 5] [--parallel 4] [--write-docs]
 """
 
 from __future__ import annotations
@@ -96,18 +99,22 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def run_storescu(files: list[Path], port: int, called: str) -> float:
-    """Seconds for one storescu association sending all ``files``."""
-    cmd = ["storescu", "-aet", "BENCHSCU", "-aec", called, "--max-pdu", str(PDU), "127.0.0.1", str(port), *map(str, files)]
+def run_storescu(files: list[Path], port: int, called: str, associations: int = 1) -> float:
+    """Seconds until ``associations`` concurrent storescu processes have sent all ``files`` between them."""
+    share = -(-len(files) // associations)
+    chunks = [files[i : i + share] for i in range(0, len(files), share)]
+    cmds = [["storescu", "-aet", "BENCHSCU", "-aec", called, "--max-pdu", str(PDU), "127.0.0.1", str(port), *map(str, c)] for c in chunks]
     start = time.perf_counter()
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    errors = [p.communicate()[1] for p in procs]
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu failed: {result.stderr[-1000:]}")
+    failed = [e for p, e in zip(procs, errors) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-1000:]}")
     return seconds
 
 
-def bench_node(files: list[Path], work: Path) -> float:
+def bench_node(files: list[Path], work: Path, associations: int) -> float:
     sys.path.insert(0, str(REPO))
     from dicomnode.audit.db import AuditDB
     from dicomnode.config import load_config
@@ -115,12 +122,12 @@ def bench_node(files: list[Path], work: Path) -> float:
     from dicomnode.store.spool import Spool
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    config = load_config(None, {"node": {"port": free_port(), "max_pdu": PDU}})
+    config = load_config(None, {"node": {"port": free_port(), "max_pdu": PDU, "max_associations": max(10, associations)}})
     db = AuditDB.open(f"sqlite:///{run_dir / 'audit.db'}")
     scp = StoreSCP(config, db, Spool(run_dir / "spool"))
     scp.start()
     try:
-        seconds = run_storescu(files, scp.port, config.node.ae_title)
+        seconds = run_storescu(files, scp.port, config.node.ae_title, associations)
     finally:
         scp.stop()
         db.close()
@@ -131,14 +138,18 @@ def bench_node(files: list[Path], work: Path) -> float:
     return len(files) / seconds
 
 
-def bench_storescp(files: list[Path], work: Path) -> float:
+def bench_storescp(files: list[Path], work: Path, associations: int, fsync: bool) -> float:
+    """storescp ``--fork`` (one process per association, as concurrent as the node's threads)."""
     out = Path(tempfile.mkdtemp(dir=work))
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-od", str(out), "--max-pdu", str(PDU), "-aet", "STORESCP", str(port)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = ["storescp", "--fork", "-od", str(out), "--max-pdu", str(PDU), "-aet", "STORESCP"]
+    if fsync:
+        # fsync the new file and its folder (coreutils sync FILE...) before the next instance is read.
+        cmd += ["-xcr", "sync #p/#f #p", "-xs"]
+    proc = subprocess.Popen([*cmd, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
-        seconds = run_storescu(files, port, "STORESCP")
+        seconds = run_storescu(files, port, "STORESCP", associations)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -156,8 +167,15 @@ def machine() -> str:
         cpu = match.group(1).strip() if match else cpu
     except OSError:
         pass
-    load = os.getloadavg()[0]
-    return f"{os.cpu_count()} CPUs ({cpu}), load average {load:.1f} at start, Python {platform.python_version()}"
+    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+
+
+def wait_for_quiet(max_load: float, patience_s: float) -> float:
+    """Wait until the 1-minute load average is at most ``max_load`` (or ``patience_s`` passed); return it."""
+    deadline = time.monotonic() + patience_s
+    while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
 
 
 def write_docs(text: str) -> None:
@@ -172,41 +190,74 @@ def write_docs(text: str) -> None:
     doc.write_text(content[:start] + "\n\n" + text.strip() + "\n\n" + content[end:].lstrip("\n") if nxt >= 0 else content[:start] + "\n\n" + text.strip() + "\n")
 
 
+RECEIVERS = {
+    "node": "dicomnode StoreSCP (file + folder fsync, SQLite audit WAL)",
+    "storescp": "DCMTK storescp `--fork -od` (no fsync)",
+    "storescp_sync": "DCMTK storescp `--fork -od -xcr 'sync #p/#f #p' -xs`",
+}
+
+
+def bench(name: str, files: list[Path], work: Path, associations: int) -> float:
+    if name == "node":
+        return bench_node(files, work, associations)
+    return bench_storescp(files, work, associations, fsync=name == "storescp_sync")
+
+
+def report(args, size_mb: float, rates: dict, loads: list[float], host: str) -> str:
+    rows = []
+    for associations in sorted({a for _, a in rates}):
+        base = statistics.median(rates[("storescp", associations)])
+        synced = statistics.median(rates[("storescp_sync", associations)])
+        for name, label in RECEIVERS.items():
+            runs = rates[(name, associations)]
+            med = statistics.median(runs)
+            rows.append(
+                f"| {label} | {associations} | **{med:.0f}** | {', '.join(f'{r:.0f}' for r in runs)} "
+                f"| {med / base:.2f} | {med / synced:.2f} |"
+            )
+    return f"""`python benchmarks/receive.py --count {args.count} --reps {args.reps} --parallel {args.parallel}`: DCMTK storescu
+sends {args.count} synthetic 512x512 int16 CT instances ({size_mb:.0f} MB) over loopback, `TCP_NODELAY=1`,
+128 KiB PDU, either on 1 association or split over {args.parallel} concurrent storescu processes (one
+association each). Median of {args.reps} repetitions, receivers interleaved within each repetition:
+
+| receiver | associations | instances/s (median) | all runs | / storescp | / storescp + sync |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Machine: {host}. 1-minute load average before each run: min {min(loads):.1f}, median
+{statistics.median(loads):.1f}, max {max(loads):.1f} (other processes share the machine)."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--parallel", type=int, default=4, help="associations in the parallel runs")
+    parser.add_argument("--max-load", type=float, default=None, help="wait for this 1-minute load average first")
+    parser.add_argument("--load-wait", type=float, default=600.0, help="seconds to wait for --max-load at most")
     parser.add_argument("--workdir", type=Path, default=None, help="where data and receivers write (default: a temp dir)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    for tool in ("storescu", "storescp"):
+    for tool in ("storescu", "storescp", "sync"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found (DCMTK)")
+            print(f"{tool} not found (DCMTK, coreutils)")
             return 2
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dicomnode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     files = generate(work / "data", args.count)
-    host = machine()
-    node_rates, dcmtk_rates = [], []
+    if args.max_load is not None:
+        print(f"load average {wait_for_quiet(args.max_load, args.load_wait):.1f} at start", flush=True)
+    rates: dict[tuple[str, int], list[float]] = {}
+    loads: list[float] = []
     for rep in range(args.reps):
-        # Alternate so a burst of load elsewhere on the machine hits both receivers alike.
-        node_rates.append(bench_node(files, work))
-        dcmtk_rates.append(bench_storescp(files, work))
-        print(f"rep {rep + 1}: node {node_rates[-1]:.0f}/s  storescp {dcmtk_rates[-1]:.0f}/s", flush=True)
-    node_med, dcmtk_med = statistics.median(node_rates), statistics.median(dcmtk_rates)
+        # Interleaved so a burst of load elsewhere on the machine hits every receiver alike.
+        for associations in (1, args.parallel):
+            for name in RECEIVERS:
+                loads.append(os.getloadavg()[0])
+                rates.setdefault((name, associations), []).append(bench(name, files, work, associations))
+        print(f"rep {rep + 1}: " + "  ".join(f"{n}x{a} {r[-1]:.0f}/s" for (n, a), r in rates.items()), flush=True)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
-    text = f"""`python benchmarks/receive.py --count {args.count} --reps {args.reps}`: DCMTK storescu sends {args.count} synthetic
-512x512 int16 CT instances ({size_mb:.0f} MB) on one association, `TCP_NODELAY=1`, 128 KiB PDU, loopback.
-Median of {args.reps} repetitions (instances/s):
-
-| receiver | median | all runs |
-|---|---|---|
-| dicomnode StoreSCP (spool fsync per file, SQLite audit WAL) | {node_med:.0f} | {', '.join(f'{r:.0f}' for r in node_rates)} |
-| DCMTK storescp `-od` (no fsync) | {dcmtk_med:.0f} | {', '.join(f'{r:.0f}' for r in dcmtk_rates)} |
-
-Ratio node / storescp: **{node_med / dcmtk_med:.2f}**. Machine: {host}.
-
-{NOTES}"""
+    text = report(args, size_mb, rates, loads, machine()) + "\n\n" + NOTES
     print(text)
     if args.write_docs:
         write_docs(text)

@@ -117,10 +117,19 @@ def run_ants(case: RegistrationCase) -> list[tuple[str, float, Score]]:
     seconds = time.perf_counter() - t0
     # Warp images of moving-space coordinates: the warped value at a fixed voxel is T(x), whatever
     # the transform file conventions.
-    grid = case.moving.image
-    phys = np.stack(np.meshgrid(*[np.arange(n) for n in grid.GetSize()], indexing="ij"), -1).reshape(-1, 3)
-    d = np.array(grid.GetDirection()).reshape(3, 3)
-    points = (d @ (phys * np.array(grid.GetSpacing())).T).T + np.array(grid.GetOrigin())
+    # The coordinate grid extends 16 voxels past the moving image so that fixed points mapped just
+    # outside it get their coordinate rather than the default 0.
+    pad, moving_grid = 16, case.moving.image
+    d = np.array(moving_grid.GetDirection()).reshape(3, 3)
+    spacing = np.array(moving_grid.GetSpacing())
+    origin = np.array(moving_grid.GetOrigin()) - d @ (pad * spacing)
+    size = [n + 2 * pad for n in moving_grid.GetSize()]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetOrigin(origin.tolist())
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection(moving_grid.GetDirection())
+    phys = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    points = (d @ (phys * spacing).T).T + origin
     idx = _point_indices(case)
     rows = []
     for label, transforms in (("affine", [t for t in reg["fwdtransforms"] if t.endswith(".mat")]),

@@ -1,8 +1,10 @@
 """``dicomnode train``: train the attention fusion network on image pairs, unsupervised.
 
-Random crops of the training pairs (flips, 90-degree turns, fixed/moving swapped at random so
-the network does not learn which input is which), AdamW with cosine decay, validation on the
-held-out cases every few hundred steps; the best validation state is written with a model card.
+Whole slices (or random crops of larger ones; flips, 90-degree turns, fixed/moving swapped at
+random so the network does not learn which input is which): the losses see global structure.
+AdamW with cosine decay over the steps, or over a wall-clock budget (``time_budget_s``: on a
+shared CPU the step rate is unknown in advance); validation on the held-out cases every few
+hundred steps; the best validation state is written with a model card.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ DEFAULT_DATA = ("aanlib/CT-MRI", "aanlib/PET-MRI", "aanlib/SPECT-MRI", "dicom/st
 
 @dataclass
 class TrainSettings:
-    steps: int = 2000
-    batch: int = 8
-    crop: int = 80
+    steps: int = 1000
+    batch: int = 4
+    crop: int = 256  # AANLIB slices are 256 x 256: whole slices
     lr: float = 2e-3
     weight_decay: float = 1e-4
     val_every: int = 200
@@ -40,7 +42,8 @@ class TrainSettings:
     # One thread: on a shared 2-core machine two threads spent ~10x the CPU per step waiting on each other.
     threads: int = 1
     init: Path | None = None  # start from these weights (fine-tuning) instead of from scratch
-    volume_share: float = 0.15  # fraction of each batch drawn from 3-D slices, when there are any
+    volume_share: float = 0.125  # expected fraction of each batch drawn from 3-D slices, when there are any
+    time_budget_s: float | None = None  # train until this much wall time has passed (steps = upper bound)
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -96,16 +99,23 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
     volume = [s for s in train_set if s.task.endswith("-3D")]
     model = (load_model(settings.init) if settings.init else FusionNet()).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-    )
+    budget = settings.time_budget_s
     log.info("event=train_start params=%d train_pairs=%d val_pairs=%d volume_slices=%d steps=%d device=%s",
              parameter_count(model), len(flat), len(val_set), len(volume), settings.steps, device)
     best = (math.inf, None, 0)
     history = []
     start = time.perf_counter()
-    n_volume = int(round(settings.batch * settings.volume_share)) if volume else 0
-    for step in range(1, settings.steps + 1):
+    expected_volume = settings.batch * settings.volume_share if volume and flat else 0.0
+    step = 0
+    while step < settings.steps:
+        step += 1
+        elapsed = time.perf_counter() - start
+        progress = min(elapsed / budget, 1.0) if budget else (step - 1) / settings.steps
+        last = step == settings.steps or (budget is not None and progress >= 1.0)
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * progress))
+        # A whole number of volume slices per batch on average equal to the configured share.
+        n_volume = int(expected_volume) + int(rng.random() < expected_volume % 1)
         a, b = _crop_batch(flat or volume, settings.batch - n_volume, settings.crop, rng)
         if n_volume:
             va, vb = _crop_batch(volume, n_volume, settings.crop, rng)
@@ -116,8 +126,7 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        if step % settings.val_every == 0 or step == settings.steps:
+        if step % settings.val_every == 0 or last:
             val = validation_loss(model, val_set[::2], settings.loss, device) if val_set else float(terms["total"].detach())
             history.append((step, float(terms["total"].detach()), val))
             if val < best[0]:
@@ -126,6 +135,8 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
             log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f val=%.4f best_step=%d elapsed_s=%.0f",
                      step, values["total"], values["ssim"], values["gradient"], values["intensity"], val, best[2],
                      time.perf_counter() - start)
+        if last:
+            break
     if best[1] is not None:
         model.load_state_dict(best[1])
     model.eval()
@@ -135,6 +146,7 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         "train_volume_slices": len(volume),
         "val_pairs": len(val_set),
         "val_cases": {k: list(v) for k, v in VALIDATION_CASES.items()},
+        "steps_done": step,
         "best_step": best[2],
         "best_val_loss": best[0],
         "train_seconds": round(time.perf_counter() - start),
@@ -153,6 +165,9 @@ def train_command(args: argparse.Namespace) -> int:
     for name in ("steps", "batch", "crop", "lr", "init"):
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
+    if getattr(args, "minutes", None) is not None:
+        settings.time_budget_s = args.minutes * 60.0
+        settings.steps = 10**9 if args.steps is None else settings.steps
     if getattr(args, "loss_weights", None):
         ssim, gradient, intensity = (float(v) for v in args.loss_weights.split(","))
         settings.loss = LossWeights(ssim, gradient, intensity)

@@ -14,12 +14,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.sql.expression import Executable
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicomnode.audit.db import READ_ONLY, AuditDB
@@ -36,8 +38,9 @@ from dicomnode.net.validate import (
     RejectedInstance,
     accepted_transfer_syntaxes,
     check_instance,
+    read_header,
 )
-from dicomnode.store.spool import Spool, SpoolError
+from dicomnode.store.spool import Spool, SpoolError, part10_header
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,31 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class _StoreStatements:
+    """The C-STORE path's SQL, built once: constructing Core statements per call costs more than running them."""
+
+    exists: Executable
+    series_id: Executable
+    insert_series: Executable
+    bump_series: Executable
+    bump_series_expected: Executable
+    insert_instance: Executable
+
+    @classmethod
+    def build(cls) -> _StoreStatements:
+        bump = update(Series).where(Series.id == bindparam("series_pk"))
+        counted = {"received_count": Series.received_count + 1, "last_received_at": bindparam("now")}
+        return cls(
+            exists=select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop")),
+            series_id=select(Series.id).where(Series.series_uid == bindparam("uid")),
+            insert_series=insert(Series),
+            bump_series=bump.values(**counted),
+            bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")),
+            insert_instance=insert(Instance),
+        )
+
+
 class StoreSCP:
     """The node's listening AE (see the module docstring). ``start`` returns once it listens."""
 
@@ -92,6 +120,7 @@ class StoreSCP:
         # pynetdicom Association object -> (audit row id, how it ended); one entry per live association.
         self._associations: dict[object, list] = {}
         self._lock = threading.Lock()
+        self._sql = _StoreStatements.build()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -267,23 +296,17 @@ class StoreSCP:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         syntax = str(event.context.transfer_syntax)
         try:
-            raw = event.encoded_dataset(include_meta=True)
+            # Stored as received, behind a file meta header: never decoded and re-encoded.
+            body = request.DataSet.getvalue()
+            raw = (part10_header(sop_class, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION), body)
         except Exception as exc:
             return self._reject(None, assoc_id, calling, sop_class, sop_uid, RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"no data set: {exc}"))
         try:
-            try:
-                ds = event.dataset
-            except Exception as exc:
-                raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc
-            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-                # The decoder plugins read the syntax from file meta, which the network copy lacks.
-                ds.file_meta = FileMetaDataset()
-                ds.file_meta.TransferSyntaxUID = syntax
-            info = check_instance(ds, sop_class, sop_uid, syntax)
+            info = self._check(event, body, sop_class, sop_uid, syntax)
         except RejectedInstance as exc:
             return self._reject(raw, assoc_id, calling, sop_class, sop_uid, exc)
         try:
-            outcome = self._store(raw, info, assoc_id, calling)
+            outcome = self._store(raw, len(raw[0]) + len(body), info, assoc_id, calling)
         except RejectedInstance as exc:
             return self._reject(raw, assoc_id, calling, sop_class, sop_uid, exc)
         log_event(
@@ -293,7 +316,7 @@ class StoreSCP:
             series=info.series_uid,
             sop=info.sop_instance_uid,
             modality=info.modality,
-            size=len(raw),
+            size=len(body),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         if self.on_instance is not None and outcome == "stored":
@@ -303,84 +326,114 @@ class StoreSCP:
                 log_event(log, "on_instance_failed", logging.ERROR, series=info.series_uid, error=repr(exc))
         return STATUS_SUCCESS
 
-    def _store(self, raw: bytes, info: InstanceInfo, assoc_id: int | None, calling: str) -> str:
+    @staticmethod
+    def _check(event, body: bytes, sop_class: str, sop_uid: str, syntax: str) -> InstanceInfo:
+        """Validate the received data set; only compressed or unusual syntaxes are fully decoded."""
+        try:
+            header = read_header(body, syntax)
+            if header is not None:
+                ds, pixels = header
+                return check_instance(ds, sop_class, sop_uid, syntax, header_only=True, pixels=pixels)
+            ds = event.dataset
+        except RejectedInstance:
+            raise
+        except Exception as exc:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            # The decoder plugins read the syntax from file meta, which the network copy lacks.
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = syntax
+        return check_instance(ds, sop_class, sop_uid, syntax)
+
+    def _store(self, raw, size: int, info: InstanceInfo, assoc_id: int | None, calling: str) -> str:
         """Spool then record one valid instance; ``stored`` or ``duplicate``; RejectedInstance on failure.
 
-        SQL Core rather than ORM units of work: this runs once per instance and its cost is the
-        node's receive rate.
+        One pooled connection does the duplicate check, then (after the durable spool write) one
+        short write transaction: prebuilt SQL Core statements, because this runs once per instance.
         """
-        exists = select(Instance.id).where(Instance.sop_instance_uid == info.sop_instance_uid)
+        sql = self._sql
         try:
-            with self.db.engine.connect().execution_options(**READ_ONLY) as conn:
-                if conn.execute(exists).first() is not None:
-                    return "duplicate"
+            conn = self.db.engine.connect()
         except SQLAlchemyError as exc:
             raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
-        try:
-            path = self.spool.write_incoming(raw, study_uid=info.study_uid, series_uid=info.series_uid, sop_uid=info.sop_instance_uid)
-        except SpoolError as exc:
-            raise RejectedInstance(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
-        digest = hashlib.sha256(raw).hexdigest()
-        for attempt in range(2):
+        with conn:
             try:
-                with self.db.engine.begin() as conn:
-                    if conn.execute(exists).first() is not None:
-                        return "duplicate"  # another association stored it meanwhile
-                    series_id = self._upsert_series(conn, info, calling)
-                    conn.execute(
-                        insert(Instance).values(
-                            sop_instance_uid=info.sop_instance_uid,
-                            sop_class_uid=info.sop_class_uid,
-                            series_id=series_id,
-                            association_id=assoc_id,
-                            transfer_syntax_uid=info.transfer_syntax_uid,
-                            size_bytes=len(raw),
-                            sha256=digest,
-                            spool_path=str(path),
-                            received_at=datetime.now(timezone.utc),
-                        )
-                    )
-                return "stored"
-            except IntegrityError:
-                if attempt == 0:
-                    continue  # a concurrent association created the series or instance row first
-                path.unlink(missing_ok=True)
-                raise RejectedInstance(STATUS_DB_UNAVAILABLE, "audit database conflict persisted after a retry") from None
+                conn.execution_options(**READ_ONLY)
+                duplicate = conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None
+                conn.commit()
             except SQLAlchemyError as exc:
-                # No row will point at the file: remove it so spool and audit agree.
-                path.unlink(missing_ok=True)
                 raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
+            if duplicate:
+                return "duplicate"
+            try:
+                path = self.spool.write_incoming(raw, study_uid=info.study_uid, series_uid=info.series_uid, sop_uid=info.sop_instance_uid)
+            except SpoolError as exc:
+                raise RejectedInstance(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
+            digest = hashlib.sha256(raw[0])
+            digest.update(raw[1])
+            conn.execution_options(dicomnode_read_only=False)
+            for attempt in range(2):
+                try:
+                    with conn.begin():
+                        if conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None:
+                            return "duplicate"  # another association stored it meanwhile
+                        series_id = self._upsert_series(conn, info, calling)
+                        conn.execute(
+                            sql.insert_instance,
+                            {
+                                "sop_instance_uid": info.sop_instance_uid,
+                                "sop_class_uid": info.sop_class_uid,
+                                "series_id": series_id,
+                                "association_id": assoc_id,
+                                "transfer_syntax_uid": info.transfer_syntax_uid,
+                                "size_bytes": size,
+                                "sha256": digest.hexdigest(),
+                                "spool_path": str(path),
+                                "received_at": datetime.now(timezone.utc),
+                            },
+                        )
+                    return "stored"
+                except IntegrityError:
+                    if attempt == 0:
+                        continue  # a concurrent association created the series or instance row first
+                    path.unlink(missing_ok=True)
+                    raise RejectedInstance(STATUS_DB_UNAVAILABLE, "audit database conflict persisted after a retry") from None
+                except SQLAlchemyError as exc:
+                    # No row will point at the file: remove it so spool and audit agree.
+                    path.unlink(missing_ok=True)
+                    raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
         return "stored"  # unreachable; keeps type checkers content
 
-    @staticmethod
-    def _upsert_series(conn, info: InstanceInfo, calling: str) -> int:
+    def _upsert_series(self, conn, info: InstanceInfo, calling: str) -> int:
+        sql = self._sql
         now = datetime.now(timezone.utc)
-        series_id = conn.execute(select(Series.id).where(Series.series_uid == info.series_uid)).scalar()
+        series_id = conn.execute(sql.series_id, {"uid": info.series_uid}).scalar()
         if series_id is None:
             result = conn.execute(
-                insert(Series).values(
-                    series_uid=info.series_uid,
-                    study_uid=info.study_uid,
-                    patient_id=info.patient_id,
-                    patient_name=info.patient_name,
-                    birth_date=info.birth_date,
-                    study_date=info.study_date,
-                    modality=info.modality,
-                    frame_of_reference_uid=info.frame_of_reference_uid,
-                    calling_ae=calling[:16],
-                    expected_count=info.expected_count,
-                    received_count=1,
-                    first_received_at=now,
-                    last_received_at=now,
-                    state=SeriesState.receiving,
-                )
+                sql.insert_series,
+                {
+                    "series_uid": info.series_uid,
+                    "study_uid": info.study_uid,
+                    "patient_id": info.patient_id,
+                    "patient_name": info.patient_name,
+                    "birth_date": info.birth_date,
+                    "study_date": info.study_date,
+                    "modality": info.modality,
+                    "frame_of_reference_uid": info.frame_of_reference_uid,
+                    "calling_ae": calling[:16],
+                    "expected_count": info.expected_count,
+                    "received_count": 1,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "state": SeriesState.receiving,
+                },
             )
             log_event(log, "series_started", series=info.series_uid, modality=info.modality, calling_ae=calling, expected=info.expected_count)
             return int(result.inserted_primary_key[0])
-        values = {"received_count": Series.received_count + 1, "last_received_at": now}
-        if info.expected_count is not None:
-            values["expected_count"] = info.expected_count
-        conn.execute(update(Series).where(Series.id == series_id).values(**values))
+        if info.expected_count is None:
+            conn.execute(sql.bump_series, {"series_pk": series_id, "now": now})
+        else:
+            conn.execute(sql.bump_series_expected, {"series_pk": series_id, "now": now, "expected": info.expected_count})
         return int(series_id)
 
     def _reject(self, raw, assoc_id, calling, sop_class, sop_uid, exc: RejectedInstance) -> Dataset:

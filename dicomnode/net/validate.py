@@ -10,10 +10,13 @@ with the DIMSE failure status to answer (PS3.4 B.2.3; never a warning status):
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from io import BytesIO
 
 from pydicom import Dataset
 from pydicom import uid as U
+from pydicom.filereader import read_dataset
 from pydicom.pixels import get_decoder
 
 STATUS_SUCCESS = 0x0000
@@ -63,6 +66,12 @@ COMPRESSED_SYNTAXES = (
     U.HTJ2K,
     U.RLELossless,
 )
+# Syntaxes whose header the node reads without decoding the pixel data -> implicit VR?
+HEADER_READ_SYNTAXES = {U.ExplicitVRLittleEndian: False, U.ImplicitVRLittleEndian: True}
+# Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_PIXEL_TAGS = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData", 0x7FE00010: "PixelData"}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -107,6 +116,52 @@ class InstanceInfo:
     expected_count: int | None
 
 
+@dataclass(frozen=True)
+class PixelExtent:
+    """Where a data set's top-level pixel data element sits in the received bytes (not its value).
+
+    ``declared``: the element's length field in bytes; ``available``: bytes present after the
+    element header (less than ``declared`` when the stream was cut short).
+    """
+
+    keyword: str
+    declared: int
+    available: int
+
+
+def _at_pixel_data(tag: int, _vr: str | None, _length: int) -> bool:
+    return tag >= 0x7FE00008
+
+
+def read_header(stream: bytes, syntax: str) -> tuple[Dataset, PixelExtent | None] | None:
+    """The data set without its pixel data, and where the pixel data is; None for other syntaxes.
+
+    Only for little endian uncompressed syntaxes (``HEADER_READ_SYNTAXES``): parsing stops at the
+    first top-level element from (7FE0,0008) on, whose header is read by hand, so a 512x512 image
+    is never copied into a data element. Raises whatever pydicom raises on a broken stream.
+    """
+    implicit = HEADER_READ_SYNTAXES.get(syntax)
+    if implicit is None:
+        return None
+    fp = BytesIO(stream)
+    ds = read_dataset(fp, implicit, True, stop_when=_at_pixel_data)
+    implicit = bool(ds.original_encoding[0])  # pydicom corrects a sender that mislabels the VR mode
+    start = fp.tell()
+    if len(stream) - start < 8:
+        return ds, None
+    group, element = struct.unpack_from("<HH", stream, start)
+    keyword = _PIXEL_TAGS.get(group << 16 | element)
+    if keyword is None:
+        return ds, None  # e.g. trailing padding (FFFC,FFFC) without any pixel data before it
+    if implicit:
+        (declared,), value_at = struct.unpack_from("<L", stream, start + 4), start + 8
+    elif stream[start + 4 : start + 6] in _LONG_VRS:
+        (declared,), value_at = struct.unpack_from("<L", stream, start + 8), start + 12
+    else:
+        (declared,), value_at = struct.unpack_from("<H", stream, start + 6), start + 8
+    return ds, PixelExtent(keyword, declared, max(0, len(stream) - value_at))
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
@@ -137,8 +192,11 @@ def expected_instance_count(ds: Dataset, modality: str) -> int | None:
     return None
 
 
-def _check_pixels(ds: Dataset, syntax: str) -> None:
-    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+def _check_pixels(ds: Dataset, syntax: str, extent: PixelExtent | None, header_only: bool) -> None:
+    if header_only:
+        keyword = extent.keyword if extent is not None else None
+    else:
+        keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
         raise RejectedInstance(STATUS_DATASET_MISMATCH, "no pixel data")
     if keyword != "PixelData":
@@ -157,15 +215,29 @@ def _check_pixels(ds: Dataset, syntax: str) -> None:
     except (AttributeError, TypeError, ValueError) as exc:
         raise RejectedInstance(STATUS_DATASET_MISMATCH, f"image pixel attributes missing or invalid: {exc}") from exc
     needed = (rows * cols * samples * frames * bits + 7) // 8
-    length = len(ds.PixelData or b"")
+    if extent is None:
+        length = len(ds.PixelData or b"")
+    elif extent.declared == _UNDEFINED_LENGTH:
+        raise RejectedInstance(STATUS_DATASET_MISMATCH, "encapsulated pixel data in an uncompressed transfer syntax")
+    else:
+        length = min(extent.declared, extent.available)
     if length < needed:
         raise RejectedInstance(STATUS_UNDECODABLE_PIXELS, f"pixel data has {length} bytes, header needs {needed}")
 
 
-def check_instance(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, syntax: str) -> InstanceInfo:
+def check_instance(
+    ds: Dataset,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    syntax: str,
+    *,
+    header_only: bool = False,
+    pixels: PixelExtent | None = None,
+) -> InstanceInfo:
     """Validate one received dataset against its C-STORE request; raise ``RejectedInstance``.
 
     ``sop_class_uid``/``sop_instance_uid``: Affected SOP Class/Instance UID of the request.
+    ``header_only``: ``ds`` came from ``read_header`` and ``pixels`` says where its pixel data is.
     """
     try:
         missing = [k for k in (*REQUIRED_UIDS, "SOPClassUID", "Modality") if not _text(ds, k)]
@@ -190,7 +262,7 @@ def check_instance(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, synta
     if required is not None and modality != required:
         raise RejectedInstance(STATUS_DATASET_MISMATCH, f"Modality {modality} does not match the SOP class (needs {required})")
     try:
-        _check_pixels(ds, syntax)
+        _check_pixels(ds, syntax, pixels, header_only)
         return InstanceInfo(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,

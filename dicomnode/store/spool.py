@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
@@ -28,6 +30,8 @@ from pydicom import Dataset
 # escape its directory.
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 _TMP_PREFIX = ".tmp-"
+
+Chunks = bytes | memoryview | Sequence[bytes | memoryview]
 
 
 class SpoolError(OSError):
@@ -63,18 +67,59 @@ def _mkdirs(path: Path) -> None:
         _fsync_dir(directory.parent)
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``path`` so readers see all of it or nothing, durable when this returns."""
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    # Explicit VR little endian; OB has a 4-byte length after two reserved bytes (PS3.5 7.1.2).
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _even(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, implementation_uid: str, implementation_version: str
+) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a data set encoded as received.
+
+    Encoded by hand because this runs once per received instance and pydicom's general writer
+    costs about as much as the rest of the receive path's Python work.
+    """
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", _even(sop_class_uid, b"\0")),
+            _element(0x00020003, b"UI", _even(sop_instance_uid, b"\0")),
+            _element(0x00020010, b"UI", _even(transfer_syntax_uid, b"\0")),
+            _element(0x00020012, b"UI", _even(implementation_uid, b"\0")),
+            _element(0x00020013, b"SH", _even(implementation_version, b" ")),
+        )
+    )
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _write_all(fd: int, data: Chunks) -> None:
+    views = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else [memoryview(c) for c in data]
+    for view in views:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+def atomic_write(path: Path, data: Chunks) -> Path:
+    """Write ``data`` (bytes, or a sequence of chunks written in order) to ``path`` atomically.
+
+    Readers see all of it or nothing; it is durable when this returns.
+    """
     path = Path(path)
     try:
         _mkdirs(path.parent)
         tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -110,11 +155,11 @@ class Spool:
         """Where a received instance lives (whether or not it exists yet)."""
         return self.incoming / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
 
-    def write_incoming(self, data: bytes | memoryview, *, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Store one received instance (a complete Part 10 file as bytes) atomically; returns its path."""
+    def write_incoming(self, data: Chunks, *, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Store one received instance (a complete Part 10 file, whole or in chunks) atomically; returns its path."""
         return atomic_write(self.incoming_path(study_uid, series_uid, sop_uid), data)
 
-    def quarantine(self, raw: bytes | memoryview, reason: str) -> Path:
+    def quarantine(self, raw: Chunks, reason: str) -> Path:
         """Keep refused input for inspection: ``<uuid>.dcm`` with ``<uuid>.reason.txt`` beside it."""
         day = datetime.now(timezone.utc).strftime("%Y%m%d")
         name = uuid.uuid4().hex

@@ -76,3 +76,27 @@ def test_purge_removes_only_old_files(tmp_path):
     assert (report.files, report.bytes) == (1, 3)
     assert not old.exists() and not old.parent.exists() and new.exists()
     assert spool.purge_older_than(0).files == 0 and new.exists()
+
+
+def test_part10_header_matches_pydicom_and_chunks_are_written_in_order(tmp_path):
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    from dicomnode.store.spool import part10_header
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.345"  # odd length: padded with NUL
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "1.2.3.4"
+    meta.ImplementationVersionName = "NODE_1"
+    expected = BytesIO()
+    write_file_meta_info(expected, meta)
+    header = part10_header(CTImageStorage, "1.2.345", ExplicitVRLittleEndian, "1.2.3.4", "NODE_1")
+    assert header == b"\0" * 128 + b"DICM" + expected.getvalue()
+    path = atomic_write(tmp_path / "x.dcm", (header, b"\x10\x00\x10\x00PN\x04\x00A^B "))
+    assert str(dcmread(path).PatientName) == "A^B" and dcmread(path).file_meta.MediaStorageSOPInstanceUID == "1.2.345"
