@@ -96,7 +96,10 @@ def test_stop_before_completion_then_restart_finishes_once(tmp_path, study):
             job = wait_job(cfg.storage.database_url, (JobState.done, JobState.failed), 120)
             assert job.state == JobState.done, job.reason
             time.sleep(1.0)  # give a (wrong) duplicate send the chance to arrive
-            assert len(output_uids(job)) == len(study["CT"]) + 1
+            counts = {o["kind"]: o["count"] for o in job.outputs["series"]}
+            # One fused instance per CT slice; each heat map is one multi-frame instance.
+            assert counts["fused"] == len(study["CT"]) and counts["heatmap"] == 1
+            assert all(n == 1 for kind, n in counts.items() if kind != "fused")
             assert_received_once(peer, job)
             with second.db.session() as s:
                 sends = s.scalars(select(Send)).all()
