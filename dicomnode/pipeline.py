@@ -176,7 +176,8 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         derivation = (
             f"{moving.modality} series resampled onto the {fixed.modality} grid "
             f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {result.method}"
+            f"and fused by method {result.method}; series quality "
+            + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
         sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
                                 series_number=SERIES_NUMBERS["fused"])

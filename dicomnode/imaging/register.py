@@ -73,15 +73,20 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
     Raises RegistrationFailed (single slice, degenerate spacing, no or too little overlap).
     """
     start = time.perf_counter()
-    for vol, role in ((fixed, "fixed"), (moving, "moving")):
-        _check_geometry(vol, role, config)
+    skip = None
     if config.mode == "never" or not config.stages:
-        return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason="registration disabled by configuration")
-    if (config.mode == "auto" and fixed.frame_of_reference_uid
+        skip = "registration disabled by configuration"
+    elif (config.mode == "auto" and fixed.frame_of_reference_uid
             and fixed.frame_of_reference_uid == moving.frame_of_reference_uid):
-        log.info("event=registration_skipped reason=same_frame_of_reference")
-        return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason="same FrameOfReferenceUID")
+        skip = "same FrameOfReferenceUID"
+    for vol, role in ((fixed, "fixed"), (moving, "moving")):
+        _check_geometry(vol, role, config, registering=skip is None)
+    # Even when only resampling: disjoint fields of view can never make a valid fusion.
     _check_raw_overlap(fixed.image, moving.image)
+    if skip is not None:
+        log.info("event=registration_skipped reason=%s", skip.replace(" ", "_"))
+        return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason=skip,
+                            seconds=time.perf_counter() - start)
 
     engine = _Engine(_prepare(fixed, config), _prepare(moving, config), moving, config)
     result = engine.run()
@@ -91,12 +96,15 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
     return result
 
 
-def _check_geometry(vol: Volume, role: str, config: RegistrationConfig) -> None:
+def _check_geometry(vol: Volume, role: str, config: RegistrationConfig, registering: bool) -> None:
+    """Refuse volumes that cannot be fused; the size minimums apply only when the optimiser runs."""
     img = vol.image
     size, spacing = img.GetSize(), np.array(img.GetSpacing())
     if img.GetDimension() != 3:
         raise RegistrationFailed(f"the {role} series is not a 3-D volume")
-    if size[2] < config.min_slices:
+    if size[2] < 2:
+        raise RegistrationFailed(f"the {role} series has {size[2]} slice(s); fusion needs a 3-D volume")
+    if registering and size[2] < config.min_slices:
         raise RegistrationFailed(f"the {role} series has {size[2]} slice(s); 3-D registration needs at least "
                                  f"{config.min_slices}")
     if not np.all(np.isfinite(spacing)) or spacing.min() <= 1e-3 or spacing.max() > 100:
@@ -104,7 +112,7 @@ def _check_geometry(vol: Volume, role: str, config: RegistrationConfig) -> None:
     det = np.linalg.det(np.array(img.GetDirection()).reshape(3, 3))
     if abs(abs(det) - 1) > 1e-3:
         raise RegistrationFailed(f"the {role} series has a degenerate orientation (axes not orthonormal)")
-    if int(np.prod(size)) < 8 * config.min_overlap_voxels:
+    if registering and int(np.prod(size)) < 8 * config.min_overlap_voxels:
         raise RegistrationFailed(f"the {role} series has only {int(np.prod(size))} voxels, too few to register")
 
 

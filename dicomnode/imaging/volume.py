@@ -2,7 +2,9 @@
 
 Slices are ordered by their position along the slice normal (ImagePositionPatient projected on
 row x column direction), never by InstanceNumber. Multi-frame (Enhanced) objects contribute one
-slice per frame, with geometry from the per-frame / shared functional groups.
+slice per frame, with geometry from the per-frame / shared functional groups; classic NM
+reconstructions (SPECT) one slice per frame, with geometry from the NM Detector and
+Reconstruction modules.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Volume:
     (in z order) for output builders that need per-slice references and geometry. For a
     multi-frame source a header is synthesised per frame: the object's top-level attributes plus
     ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness and
-    RescaleSlope/Intercept from its functional groups; its SOPInstanceUID stays that of the
+    RescaleSlope/Intercept from its functional groups (NM: from DetectorInformationSequence and
+    SpacingBetweenSlices); its SOPInstanceUID stays that of the
     multi-frame object and ReferencedFrameNumber (0008,1160) holds the 1-based frame number.
 
     ``units``: "HU" (CT), "SUVbw" (PET converted, or stored as GML = SUV body weight),
@@ -78,20 +81,40 @@ def load_series(paths: Sequence[Path]) -> Volume:
     """Read the instances of one series and build its volume (see Volume).
 
     ``paths`` may name files or folders (searched recursively); non-image objects (RTSTRUCT,
-    presentation states) are ignored. Raises VolumeError with a message for an administrator.
+    presentation states) are ignored, and so are non-DICOM files found in a folder (exports carry
+    README or thumbnail files). A missing path, an unreadable file, or a named file that is not
+    DICOM raises VolumeError naming it, as does any other problem, in words for an administrator.
     """
-    files: list[Path] = []
+    files: list[tuple[Path, bool]] = []  # (file, named explicitly)
     for p in map(Path, paths):
-        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
-    datasets = []
-    for f in files:
+        if p.is_dir():
+            files.extend((f, False) for f in sorted(p.rglob("*")) if f.is_file())
+        elif p.exists():
+            files.append((p, True))
+        else:
+            raise VolumeError(f"series file or folder {p} does not exist")
+    datasets, not_dicom = [], []
+    for f, named in files:
         try:
             ds = pydicom.dcmread(f)
-        except (pydicom.errors.InvalidDicomError, OSError) as exc:
-            log.debug("event=skip_file file=%s reason=%s", f, exc)
+        except pydicom.errors.InvalidDicomError as exc:
+            if named:
+                raise VolumeError(f"{f} is not a DICOM file") from exc
+            not_dicom.append(f.name)
+            log.debug("event=skip_file file=%s reason=not_dicom", f)
             continue
+        except OSError as exc:
+            raise VolumeError(f"cannot read {f}: {exc.strerror or exc}") from exc
+        except Exception as exc:  # truncated or corrupt files fail in many ways inside the parser
+            raise VolumeError(f"{f} is not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
         if "PixelData" in ds:
             datasets.append(ds)
+        elif "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise VolumeError(f"{f} has image attributes but no pixel data (truncated file?)")
+    if not datasets:
+        where = ", ".join(str(p) for p in paths) or "(no paths given)"
+        skipped = f"; {len(not_dicom)} non-DICOM file(s) skipped, e.g. {not_dicom[0]}" if not_dicom else ""
+        raise VolumeError(f"no DICOM image instances in {where} ({len(files)} file(s) found{skipped})")
     return volume_from_datasets(datasets)
 
 
@@ -104,8 +127,12 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
         raise VolumeError(f"instances of {len(series)} different series were given as one series")
     slices: list[_Slice] = []
     for ds in datasets:
-        slices.extend(_frames(ds) if int(ds.get("NumberOfFrames", 1) or 1) > 1 or
-                      "PerFrameFunctionalGroupsSequence" in ds else [_single(ds)])
+        if "PerFrameFunctionalGroupsSequence" not in ds and _nm_detector_geometry(ds) is not None:
+            slices.extend(_nm_frames(ds))
+        elif int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            slices.extend(_frames(ds))
+        else:
+            slices.append(_single(ds))
     image, ordered = _stack(slices)
     first = datasets[0]
     modality = str(first.get("Modality", ""))
@@ -156,11 +183,21 @@ def _rescaled(pixels: np.ndarray, slope, intercept) -> np.ndarray:
     return out
 
 
+def _pixel_array(ds: Dataset) -> np.ndarray:
+    """Decoded pixels; a codec problem becomes a VolumeError naming the file."""
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # missing codec plugins, corrupt fragments: many exception types
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+        name = Path(str(getattr(ds, "filename", "") or "instance")).name
+        raise VolumeError(f"cannot decode the pixel data of {name} (transfer syntax {syntax}): {exc}") from exc
+
+
 def _single(ds: Dataset) -> _Slice:
     for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if key not in ds:
             raise VolumeError(f"instance {ds.get('InstanceNumber', '?')} has no {key}")
-    pixels = _rescaled(ds.pixel_array, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    pixels = _rescaled(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     if pixels.ndim != 2:
         raise VolumeError(f"instance has pixel data of shape {pixels.shape}; colour images are not volumes")
     del ds.PixelData  # the dataset becomes the slice's pixel-less header
@@ -176,15 +213,38 @@ def _group(ds: Dataset, frame: Dataset | None, seq: str) -> Dataset | None:
     return None
 
 
-def _frames(ds: Dataset) -> list[_Slice]:
-    pixels = ds.pixel_array
+def _frame_pixels(ds: Dataset) -> tuple[int, np.ndarray]:
+    """(number of frames, pixels as (frames, rows, columns))."""
+    pixels = _pixel_array(ds)
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    pixels = pixels.reshape((n,) + pixels.shape[-2:]) if pixels.ndim >= 2 else pixels
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
-    top = Dataset()
+    if pixels.ndim < 2 or pixels.size != n * int(ds.Rows) * int(ds.Columns):
+        raise VolumeError(f"multi-frame object has pixel data of shape {pixels.shape} for {n} frame(s) of "
+                          f"{ds.Rows} x {ds.Columns}; colour images are not volumes")
+    return n, pixels.reshape((n,) + pixels.shape[-2:])
+
+
+def _frame_header(ds: Dataset, frame_number: int, position, orientation, spacing, thickness,
+                  slope, intercept) -> Dataset:
+    """A pixel-less single-frame header for one frame (see Volume.headers)."""
+    header = Dataset()
     for elem in ds:
         if elem.keyword not in _FRAME_GROUPS:
-            top.add(elem)
+            header.add(elem)
+    header.file_meta = getattr(ds, "file_meta", Dataset())
+    header.ImagePositionPatient = [float(v) for v in position]
+    header.ImageOrientationPatient = list(orientation)
+    header.PixelSpacing = list(spacing)
+    if thickness is not None:
+        header.SliceThickness = thickness
+    if slope is not None:
+        header.RescaleSlope, header.RescaleIntercept = slope, intercept if intercept is not None else 0
+    header.ReferencedFrameNumber = frame_number
+    return header
+
+
+def _frames(ds: Dataset) -> list[_Slice]:
+    n, pixels = _frame_pixels(ds)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
     out = []
     for i in range(n):
         frame = per_frame[i] if i < len(per_frame) else None
@@ -195,22 +255,63 @@ def _frames(ds: Dataset) -> list[_Slice]:
         if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
             raise VolumeError(f"frame {i + 1} of a multi-frame object has no plane position, orientation or "
                               "pixel spacing in its functional groups")
-        header = Dataset()
-        header.update(top)
-        header.file_meta = getattr(ds, "file_meta", Dataset())
-        header.ImagePositionPatient = list(pos.ImagePositionPatient)
-        header.ImageOrientationPatient = list(ori.ImageOrientationPatient)
-        header.PixelSpacing = list(meas.PixelSpacing)
-        if "SliceThickness" in meas:
-            header.SliceThickness = meas.SliceThickness
         slope = rescale.get("RescaleSlope") if rescale is not None else ds.get("RescaleSlope")
         intercept = rescale.get("RescaleIntercept") if rescale is not None else ds.get("RescaleIntercept")
-        if slope is not None:
-            header.RescaleSlope, header.RescaleIntercept = slope, intercept if intercept is not None else 0
-        header.ReferencedFrameNumber = i + 1
+        header = _frame_header(ds, i + 1, pos.ImagePositionPatient, ori.ImageOrientationPatient, meas.PixelSpacing,
+                               meas.get("SliceThickness"), slope, intercept)
         out.append(_Slice(header, _rescaled(pixels[i], slope, intercept), np.array(header.ImagePositionPatient, float),
                           np.array(header.ImageOrientationPatient, float),
                           (float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1]))))
+    return out
+
+
+def _nm_detector_geometry(ds: Dataset) -> Dataset | None:
+    """The NM Detector module item holding the plane of a reconstruction, or None."""
+    items = ds.get("DetectorInformationSequence") or []
+    if not items or "ImagePositionPatient" not in items[0] or "ImageOrientationPatient" not in items[0]:
+        return None
+    return items[0]
+
+
+def _nm_frames(ds: Dataset) -> list[_Slice]:
+    """Frames of an NM reconstruction (RECON TOMO): plane of the first slice from the detector item.
+
+    Slice j (1-based, from SliceVector when present, else the frame number) lies at
+    ImagePositionPatient + (j - 1) * SpacingBetweenSlices * (row x column): PS3.3 NM Reconstruction
+    module, where a positive spacing stacks slices behind the first, along the normal.
+    """
+    detector = _nm_detector_geometry(ds)
+    assert detector is not None
+    if "PixelSpacing" not in ds:
+        raise VolumeError("NM reconstruction has no PixelSpacing")
+    n, pixels = _frame_pixels(ds)
+    orientation = np.array(detector.ImageOrientationPatient, float)
+    first = np.array(detector.ImagePositionPatient, float)
+    spacing_between = ds.get("SpacingBetweenSlices")
+    if spacing_between in (None, ""):
+        if n > 1:
+            # Contiguous SPECT slices are the norm; thickness is the only other hint of the step.
+            spacing_between = ds.get("SliceThickness")
+            if spacing_between in (None, ""):
+                raise VolumeError("NM reconstruction has neither SpacingBetweenSlices nor SliceThickness: "
+                                  "its slice positions are unknown")
+            log.info("event=nm_spacing_from_thickness spacing_mm=%s", spacing_between)
+        else:
+            spacing_between = 0.0
+    step = float(spacing_between)
+    slice_numbers = [int(v) for v in (ds.get("SliceVector") or [])]
+    if len(slice_numbers) != n:
+        slice_numbers = list(range(1, n + 1))
+    normal = np.cross(orientation[:3], orientation[3:])
+    thickness = ds.get("SliceThickness")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    out = []
+    for i in range(n):
+        position = first + (slice_numbers[i] - 1) * step * normal
+        header = _frame_header(ds, i + 1, position.round(6), detector.ImageOrientationPatient, ds.PixelSpacing,
+                               thickness, slope, intercept)
+        out.append(_Slice(header, _rescaled(pixels[i], slope, intercept), position, orientation,
+                          (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))))
     return out
 
 

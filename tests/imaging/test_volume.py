@@ -182,3 +182,97 @@ def test_sts_ct_pet_mr_load(sts_dir):
     assert len(ct.headers) == 48 and all("PixelData" not in h for h in ct.headers)
     # The PET and CT fields of view overlap in patient space (same scanner frame).
     assert abs(ct.image.GetOrigin()[2] - pet.image.GetOrigin()[2]) < 1.0
+
+
+def _nm_recon(shape=(16, 48, 48)) -> Dataset:
+    from dicomnode.testing.study import synthetic_datasets
+
+    return synthetic_datasets(modalities=("NM",), shape=shape, seed=3)["NM"][0]
+
+
+def test_nm_reconstruction_frames_placed_from_detector_geometry(tmp_path):
+    from dicomnode.testing.study import PhantomSpec, write_synthetic_study
+
+    paths = write_synthetic_study(tmp_path, modalities=("MR", "NM"), shape=(16, 48, 48), seed=3)
+    nm, mr = load_series(paths["NM"]), load_series(paths["MR"])
+    ds = pydicom.dcmread(paths["NM"][0])
+    n = int(ds.NumberOfFrames)
+    assert nm.image.GetSize() == (24, 24, n) == (24, 24, 8) and nm.modality == "NM"
+    assert np.allclose(nm.image.GetSpacing(), (200 / 24, 200 / 24, 6.0))
+    # The generator's coarse grid: first voxel centre at (-100 + px/2, -100 + px/2, fine z0 + 1.5 mm).
+    assert np.allclose(nm.image.GetOrigin(), (-100 + 100 / 24, -100 + 100 / 24, -22.5 + 1.5), atol=1e-3)
+    assert np.allclose(nm.image.GetDirection(), np.eye(3).ravel())
+    assert [int(h.ReferencedFrameNumber) for h in nm.headers] == list(range(1, n + 1))
+    assert {h.SOPInstanceUID for h in nm.headers} == {ds.SOPInstanceUID}
+    assert all("PixelData" not in h and "NumberOfFrames" not in h for h in nm.headers)
+    assert [float(h.ImagePositionPatient[2]) for h in nm.headers] == pytest.approx([-21.0 + 6.0 * k for k in range(n)])
+    assert np.array_equal(nm.array, ds.pixel_array.astype(np.float32))
+    # Physical check, independent of the grid arithmetic: the hot lesion sits where the phantom put it.
+    arr = nm.array
+    hot = np.argwhere(arr >= 0.6 * arr.max())
+    centre = np.mean([nm.image.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in hot], axis=0)
+    assert np.linalg.norm(centre - np.array(PhantomSpec().lesion_center_mm)) < 6.0
+    # Same frame of reference as the MR, and the two fields of view coincide in z.
+    assert nm.frame_of_reference_uid == mr.frame_of_reference_uid
+    assert abs(nm.image.TransformIndexToPhysicalPoint((0, 0, n - 1))[2] - mr.image.TransformIndexToPhysicalPoint(
+        (0, 0, mr.image.GetSize()[2] - 1))[2]) < 6.0
+
+
+def test_nm_negative_spacing_and_slice_vector_give_the_same_volume():
+    ref_ds = _nm_recon()
+    reference = volume_from_datasets([copy.deepcopy(ref_ds)])
+    n = int(ref_ds.NumberOfFrames)
+    frames = ref_ds.pixel_array
+    # Stacked from the last slice backwards: negative SpacingBetweenSlices, first plane at the top.
+    flipped = copy.deepcopy(ref_ds)
+    top = np.array(reference.headers[-1].ImagePositionPatient, float)
+    flipped.DetectorInformationSequence[0].ImagePositionPatient = [float(v) for v in top]
+    flipped.SpacingBetweenSlices = -float(ref_ds.SpacingBetweenSlices)
+    flipped.PixelData = frames[::-1].astype(np.uint16).tobytes()
+    vol = volume_from_datasets([flipped])
+    assert np.array_equal(vol.array, reference.array)
+    assert np.allclose(vol.image.GetOrigin(), reference.image.GetOrigin())
+    assert [int(h.ReferencedFrameNumber) for h in vol.headers] == list(range(n, 0, -1))
+    # Frames stored out of order, SliceVector says which slice each frame is.
+    order = [(3 * i) % n for i in range(n)] if n % 3 else list(range(n))[::-1]
+    shuffled = copy.deepcopy(ref_ds)
+    shuffled.SliceVector = [k + 1 for k in order]
+    shuffled.PixelData = frames[order].astype(np.uint16).tobytes()
+    vol = volume_from_datasets([shuffled])
+    assert np.array_equal(vol.array, reference.array)
+
+
+def test_nm_without_reconstruction_geometry_is_a_clear_error():
+    planar = _nm_recon()
+    del planar.DetectorInformationSequence[0].ImagePositionPatient
+    with pytest.raises(VolumeError, match="no plane position"):
+        volume_from_datasets([planar])
+    no_spacing = _nm_recon()
+    del no_spacing.SpacingBetweenSlices, no_spacing.SliceThickness
+    with pytest.raises(VolumeError, match="SpacingBetweenSlices"):
+        volume_from_datasets([no_spacing])
+
+
+def test_missing_unreadable_and_non_dicom_paths_are_named(tmp_path):
+    missing = tmp_path / "nowhere" / "0001.dcm"
+    with pytest.raises(VolumeError, match="0001.dcm does not exist"):
+        load_series([missing])
+    folder = _write(_stack(n=4), tmp_path / "s")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(VolumeError, match="notes.txt is not a DICOM file"):
+        load_series([*sorted(folder.iterdir()), text])
+    whole = (folder / "000.dcm").read_bytes()
+    for cut in (400, len(whole) - 10):  # in the header; inside the pixel data
+        truncated = tmp_path / f"cut{cut}.dcm"
+        truncated.write_bytes(whole[:cut])
+        with pytest.raises(VolumeError, match=f"cut{cut}.dcm"):
+            load_series([*sorted(folder.iterdir())[1:], truncated])
+    # A stray non-DICOM file inside a series folder is skipped (exports carry README files).
+    (folder / "README").write_text("export notes")
+    assert load_series([folder]).image.GetSize()[2] == 4
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README").write_text("x")
+    with pytest.raises(VolumeError, match="no DICOM image instances in .*empty .*1 non-DICOM file"):
+        load_series([empty])
