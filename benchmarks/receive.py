@@ -35,20 +35,41 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TCP_NODELAY="1")
 PDU = 131072
 # Kept with the figures when --write-docs rewrites the section; update after profiling again.
-NOTES = """Where the time goes (same machine, same load, 100 instances, handler timed from the node's
-DEBUG `ms=` field): the C-STORE handler takes a median ~20 ms per 512x512 instance, of which
-~9 ms is the two fsyncs of the durable spool write (file, then its folder: one ext4 journal
-commit each on this virtual disk, measured alone at 7 ms + 3.6 ms for 0.5 MB); the rest is the
-audit transaction (SQLAlchemy Core, 4 statements), parsing/validating the data set and sha256.
-pynetdicom's own PDU handling adds ~10 ms per instance outside the handler. With fsync disabled
-(measurement only, not an option of the node) the node reached ~42/s, so on this contended
-2-core machine the CPU cost of Python, not only the disk, keeps the node under the 300/s target;
-storescp does no fsync and no audit. Choices kept: every instance is fsynced (file and folder)
-before the success status; the SQLite audit DB runs WAL with `synchronous=NORMAL` (a commit
-survives a process crash; a power loss may drop the last commits but the spool files they name
-are already durable), and the C-STORE path uses SQL Core statements instead of ORM units of work
-(halved the audit cost). Not yet done: batching durability across concurrent associations
-(group commit) and re-indexing spool files whose audit row a power loss dropped."""
+NOTES = """**Target not reached.** 300 instances/s is not reached on this machine, for one association or
+four, and the numbers say why.
+
+*The fsync floor.* The spool write is durable before success: temp file, fsync, rename, fsync of
+the folder. On this virtual disk each fsync is an ext4 journal commit (~4 ms floor; a new 0.5 MB
+file + rename + folder fsync ~8 ms median). One association waits for its own two flushes per
+instance, so it cannot exceed ~125-250/s whatever the code does; storescp made to flush each file
+and its folder (`-xcr 'sync #p/#f #p' -xs`) runs at 64/s on one association (DCMTK runs the command
+after answering, before it reads the next instance), and the node now beats it (76/s). Concurrent associations share journal commits (ext4 group commit): 4 associations give
+the node 163/s, the same as storescp with sync (162/s). storescp without fsync (~700/s) promises
+nothing after a power cut; it is the upper bound of the network path, not a like-for-like peer.
+
+*Where the time goes now* (cProfile of the handler and py-spy `--gil` of the node process, 300
+instances, load 3-6): the C-STORE handler takes a median ~5 ms on one association, of which the two
+fsyncs are ~3.5 ms; its Python work is ~2 ms (header read + checks ~0.6 ms, audit transaction ~1 ms,
+sha256 0.5 ms). The node process spends ~4.6-5.5 ms of CPU per instance in all, most of it in
+pynetdicom outside the handler: encoding the C-STORE response and decoding the command set through
+pydicom (~40% of the samples holding the GIL), the PDU state machine and its 1 ms polling loops.
+With fsync switched off (measurement only, not an option of the node) the node reached 100/s on one
+association and 125-146/s on four: on 2 shared cores the GIL-bound Python of pynetdicom is the ceiling
+(~1/4.6 ms = ~215/s on a free core), before the disk.
+
+*What changed* (one association: 33/s before, measured at load 8; now 76/s at load 3-5 and
+54-77/s in spot runs at load 5-6): the data set is no longer
+decoded: for Explicit/Implicit VR Little Endian the header is parsed up to (7FE0,xxxx) and the pixel
+data length is read from its element header (compressed syntaxes are still fully decoded, to refuse
+what cannot be decoded later); the file meta header is encoded by hand (pydicom's writer cost 0.4 ms
+per instance) and written with the received bytes as chunks (no re-encoding, no join of 0.5 MB); the
+audit statements are built once with bind parameters and the duplicate check and the write
+transaction share one pooled connection. Kept: fsync of file and folder before success (the folder
+fsync is what makes the rename durable), the audit row before success, SQLite WAL with
+`synchronous=NORMAL` (a commit survives a process crash; a power loss may drop the last commits but
+the spool files they name are already durable). Ways past the ceiling, not done: several SCP
+processes behind one port (SO_REUSEPORT) to leave the GIL, a faster DIMSE layer than pynetdicom's,
+and re-indexing spool files whose audit row a power loss dropped."""
 
 
 def free_port() -> int:

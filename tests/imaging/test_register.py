@@ -153,3 +153,27 @@ def test_sts_aligned_pet_ct_stays_near_identity(sts_dir):
     points = [ct.image.TransformIndexToPhysicalPoint([int(i) for i in k[::-1]]) for k in body]
     drift = [np.linalg.norm(np.subtract(result.transform.TransformPoint(p), p)) for p in points]
     assert float(np.mean(drift)) < 3.0
+
+
+def test_skipped_registration_only_refuses_what_cannot_be_fused(tmp_path):
+    from dicomnode.imaging.volume import load_series
+    from dicomnode.testing.study import write_synthetic_study
+
+    # A small but valid MR + SPECT study in one frame of reference: NM is 16 x 16 x 4 voxels.
+    paths = write_synthetic_study(tmp_path, modalities=("MR", "NM"), shape=(8, 32, 32), seed=4)
+    mr, nm = load_series(paths["MR"]), load_series(paths["NM"])
+    result = register_volumes(mr, nm, RegistrationConfig())
+    assert result.skipped_reason == "same FrameOfReferenceUID" and result.stages == []
+    on_mr = resample_onto(mr, nm, result.transform)
+    assert on_mr.shape == (8, 32, 32) and float(on_mr.max()) > 0
+    assert register_volumes(mr, nm, RegistrationConfig(mode="never")).skipped_reason
+    # The optimiser's minimums still hold when it would run.
+    with pytest.raises(RegistrationFailed, match="slice|too few"):
+        register_volumes(mr, nm, RegistrationConfig(mode="always"))
+    # Never a fusion of disjoint fields of view or of a single slice, even when only resampling.
+    far = _vol(_box(origin=(900.0, 0.0, 0.0)), mr.frame_of_reference_uid)
+    with pytest.raises(RegistrationFailed, match="does not overlap"):
+        register_volumes(mr, far, RegistrationConfig())
+    flat = _vol(_box(size=(32, 32, 1)), mr.frame_of_reference_uid)
+    with pytest.raises(RegistrationFailed, match="1 slice"):
+        register_volumes(mr, flat, RegistrationConfig(mode="never"))

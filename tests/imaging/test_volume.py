@@ -263,7 +263,8 @@ def test_missing_unreadable_and_non_dicom_paths_are_named(tmp_path):
     with pytest.raises(VolumeError, match="notes.txt is not a DICOM file"):
         load_series([*sorted(folder.iterdir()), text])
     whole = (folder / "000.dcm").read_bytes()
-    for cut in (400, len(whole) - 10):  # in the header; inside the pixel data
+    pixel_tag = whole.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data, little endian
+    for cut in (pixel_tag, len(whole) - 10):  # before the pixel data; inside it
         truncated = tmp_path / f"cut{cut}.dcm"
         truncated.write_bytes(whole[:cut])
         with pytest.raises(VolumeError, match=f"cut{cut}.dcm"):
