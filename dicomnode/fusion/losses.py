@@ -1,4 +1,5 @@
-"""Unsupervised fusion losses: SSIM to both sources, max-gradient (Sobel) and max-intensity terms.
+"""Unsupervised fusion losses: SSIM to both sources, max-gradient (Sobel), max-intensity and
+local-activity selection terms.
 
 All inputs (N, 1, H, W) float in [0, 1]. Losses are means over the batch (lower is better).
 """
@@ -18,6 +19,7 @@ class LossWeights:
     ssim: float = 1.0
     gradient: float = 20.0
     intensity: float = 4.0
+    selection: float = 0.0  # L1 to the local-activity selection target (activity_selection)
 
 
 def _gaussian_1d(device: torch.device, dtype: torch.dtype, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -30,6 +32,27 @@ def _window_mean(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     # Separable (row then column): the 2-D 11x11 kernel's backward pass is ~10x slower on CPU.
     x = F.conv2d(x, g.view(1, 1, 1, -1))
     return F.conv2d(x, g.view(1, 1, -1, 1))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur, radius 3 sigma, replicate borders; (N, 1, H, W) -> same shape."""
+    radius = int(3 * sigma)
+    g = _gaussian_1d(x.device, x.dtype, 2 * radius + 1, sigma)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), g.view(1, 1, -1, 1))
+
+
+def activity_selection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A near-binary per-pixel selection of the source with more local activity: the fusion target.
+
+    Activity = Gaussian-weighted (sigma 3 px) Sobel magnitude, plus a weaker vote for the brighter
+    neighbourhood (sigma 2 px). Copies source intensities where one source dominates (MI, FMI),
+    keeps the stronger edges (Qabf); the transition is smooth only where activities are close.
+    """
+    activity = gaussian_blur(sobel_magnitude(b), 3.0) - gaussian_blur(sobel_magnitude(a), 3.0)
+    brighter = gaussian_blur(b, 2.0) - gaussian_blur(a, 2.0)
+    w = torch.sigmoid(activity / 0.01 + brighter / 0.05)
+    return a + w * (b - a)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,4 +73,10 @@ def fusion_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: 
     l_grad = F.l1_loss(gf, torch.maximum(ga, gb))
     l_int = F.l1_loss(fused, torch.maximum(a, b))
     total = weights.ssim * l_ssim + weights.gradient * l_grad + weights.intensity * l_int
-    return {"total": total, "ssim": l_ssim, "gradient": l_grad, "intensity": l_int}
+    terms = {"ssim": l_ssim, "gradient": l_grad, "intensity": l_int}
+    if weights.selection:
+        with torch.no_grad():
+            target = activity_selection(a, b)
+        terms["selection"] = F.l1_loss(fused, target)
+        total = total + weights.selection * terms["selection"]
+    return {"total": total, **terms}

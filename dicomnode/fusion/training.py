@@ -132,9 +132,9 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
             if val < best[0]:
                 best = (val, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
             values = {k: float(v.detach()) for k, v in terms.items()}
-            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f val=%.4f best_step=%d elapsed_s=%.0f",
-                     step, values["total"], values["ssim"], values["gradient"], values["intensity"], val, best[2],
-                     time.perf_counter() - start)
+            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f selection=%.4f val=%.4f "
+                     "best_step=%d elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"],
+                     values["intensity"], values.get("selection", 0.0), val, best[2], time.perf_counter() - start)
         if last:
             break
     if best[1] is not None:
@@ -169,8 +169,10 @@ def train_command(args: argparse.Namespace) -> int:
         settings.time_budget_s = args.minutes * 60.0
         settings.steps = 10**9 if args.steps is None else settings.steps
     if getattr(args, "loss_weights", None):
-        ssim, gradient, intensity = (float(v) for v in args.loss_weights.split(","))
-        settings.loss = LossWeights(ssim, gradient, intensity)
+        values = [float(v) for v in args.loss_weights.split(",")]
+        if len(values) not in (3, 4):
+            raise ValueError("--loss-weights takes SSIM,GRADIENT,INTENSITY[,SELECTION]")
+        settings.loss = LossWeights(*values)
     torch.set_num_threads(settings.threads)
     shared = REPO_ROOT.parent / "shared" / "data"
     folders = list(args.data) if args.data else [shared / d for d in DEFAULT_DATA]
