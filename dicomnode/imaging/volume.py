@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+
+from dicomnode.imaging.suv import volume_units
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     image, ordered = _stack(slices)
     first = datasets[0]
     modality = str(first.get("Modality", ""))
-    units, note, factor = _units(first, modality)
+    units, note, factor = volume_units(first, modality)
     if factor is not None:
         image = image * factor
     vol = Volume(
@@ -357,57 +358,3 @@ def _stack(slices: list[_Slice]) -> tuple[sitk.Image, list[_Slice]]:
     image.SetOrigin(tuple(ordered[0].position))
     image.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))
     return image, ordered
-
-
-def _dicom_time(value) -> datetime | None:
-    text = str(value or "").strip()
-    if not text:
-        return None
-    hh, mm, ss = text[0:2], text[2:4] or "00", text[4:] or "00"
-    try:
-        return datetime(2000, 1, 1, int(hh), int(mm)) + timedelta(seconds=float(ss))
-    except ValueError:
-        return None
-
-
-def _units(ds: Dataset, modality: str) -> tuple[str, str, float | None]:
-    """(units, note, factor): factor multiplies stored values into the returned units."""
-    if modality == "CT":
-        return "HU", "", None
-    if modality not in ("PT", "NM"):
-        return "", "", None
-    stored = str(ds.get("Units", "")).upper()
-    if stored == "GML":
-        return "SUVbw", "stored as SUV body weight (Units GML)", None
-    if modality != "PT" or stored != "BQML":
-        return stored, "", None
-    try:
-        return "SUVbw", *_suv_bw(ds)
-    except VolumeError as exc:
-        log.info("event=suv_not_computed reason=%s", exc)
-        return "BQML", f"kept Bq/ml: {exc}", None
-
-
-def _suv_bw(ds: Dataset) -> tuple[str, float]:
-    """SUVbw factor (g/Bq) from dose, half life, injection time, weight and decay correction."""
-    info = (ds.get("RadiopharmaceuticalInformationSequence") or [None])[0]
-    weight = float(ds.get("PatientWeight") or 0)
-    if info is None or weight <= 0:
-        raise VolumeError("no RadiopharmaceuticalInformationSequence or PatientWeight")
-    dose = float(info.get("RadionuclideTotalDose") or 0)
-    half_life = float(info.get("RadionuclideHalfLife") or 0)
-    if dose <= 0 or half_life <= 0:
-        raise VolumeError("RadionuclideTotalDose or RadionuclideHalfLife missing")
-    decay = str(ds.get("DecayCorrection", "")).upper()
-    if decay == "ADMIN":
-        return "dose at administration (DecayCorrection ADMIN)", weight * 1000.0 / dose
-    if decay != "START":
-        raise VolumeError(f"DecayCorrection {decay or 'absent'} is not START or ADMIN")
-    start = _dicom_time(str(info.get("RadiopharmaceuticalStartDateTime", ""))[8:]) or _dicom_time(
-        info.get("RadiopharmaceuticalStartTime"))
-    scan = _dicom_time(ds.get("SeriesTime")) or _dicom_time(ds.get("AcquisitionTime"))
-    if start is None or scan is None:
-        raise VolumeError("injection or series time missing")
-    elapsed = (scan - start).total_seconds() % 86400  # a scan after midnight
-    decayed = dose * 2.0 ** (-elapsed / half_life)
-    return f"dose decayed {elapsed:.0f} s to series start (DecayCorrection START)", weight * 1000.0 / decayed

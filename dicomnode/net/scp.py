@@ -2,7 +2,8 @@
 
 A C-STORE handler only validates, writes the file atomically (fsynced) and records the instance;
 the success status goes out after both. Everything else (completion, pairing, processing) runs
-elsewhere; ``on_instance(series_uid)`` lets it know that a series grew.
+elsewhere; ``on_instance(series_uid)`` lets it know that a series grew. The audit rows
+themselves are written by ``dicomnode.net.records``.
 """
 
 from __future__ import annotations
@@ -14,23 +15,17 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.sql.expression import Executable
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from dicomnode.audit.db import READ_ONLY, AuditDB
-from dicomnode.audit.models import Association, Instance, Rejection, Series, SeriesState
+from dicomnode.audit.db import AuditDB
 from dicomnode.config import Config, TLSConfig
 from dicomnode.log import event as log_event
+from dicomnode.net.records import ReceiveRecorder
 from dicomnode.net.validate import (
     STATUS_CANNOT_UNDERSTAND,
-    STATUS_DB_UNAVAILABLE,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     STORAGE_SOP_CLASSES,
@@ -77,31 +72,6 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-@dataclass(frozen=True)
-class _StoreStatements:
-    """The C-STORE path's SQL, built once: constructing Core statements per call costs more than running them."""
-
-    exists: Executable
-    series_id: Executable
-    insert_series: Executable
-    bump_series: Executable
-    bump_series_expected: Executable
-    insert_instance: Executable
-
-    @classmethod
-    def build(cls) -> _StoreStatements:
-        bump = update(Series).where(Series.id == bindparam("series_pk"))
-        counted = {"received_count": Series.received_count + 1, "last_received_at": bindparam("now")}
-        return cls(
-            exists=select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop")),
-            series_id=select(Series.id).where(Series.series_uid == bindparam("uid")),
-            insert_series=insert(Series),
-            bump_series=bump.values(**counted),
-            bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")),
-            insert_instance=insert(Instance),
-        )
-
-
 class StoreSCP:
     """The node's listening AE (see the module docstring). ``start`` returns once it listens."""
 
@@ -120,7 +90,7 @@ class StoreSCP:
         # pynetdicom Association object -> (audit row id, how it ended); one entry per live association.
         self._associations: dict[object, list] = {}
         self._lock = threading.Lock()
-        self._sql = _StoreStatements.build()
+        self.records = ReceiveRecorder(db)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -191,25 +161,14 @@ class StoreSCP:
     def _record_association(self, event, accepted: bool, reason: str | None) -> int | None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
-        now = datetime.now(timezone.utc)
-        row = Association(
-            calling_ae=str(getattr(primitive, "calling_ae_title", "") or "").strip()[:16],
-            called_ae=str(getattr(primitive, "called_ae_title", "") or "").strip()[:16],
-            peer_host=str(assoc.requestor.address)[:64],
+        return self.records.association(
+            calling_ae=str(getattr(primitive, "calling_ae_title", "") or "").strip(),
+            called_ae=str(getattr(primitive, "called_ae_title", "") or "").strip(),
+            peer_host=str(assoc.requestor.address),
             peer_port=int(assoc.requestor.port or 0),
             accepted=accepted,
             reason=reason,
-            started_at=now,
-            ended_at=None if accepted else now,
         )
-        try:
-            with self.db.session() as session:
-                session.add(row)
-                session.flush()
-                return row.id
-        except SQLAlchemyError as exc:
-            log_event(log, "audit_write_failed", logging.ERROR, what="association", error=type(exc).__name__)
-            return None
 
     def _on_requested(self, event) -> None:
         primitive = event.assoc.requestor.primitive
@@ -244,7 +203,7 @@ class StoreSCP:
         log_event(log, "contexts_rejected", level, id=assoc_id, calling_ae=calling, count=len(rejected), sop_classes=",".join(classes[:5]))
         if not storable and any(c != Verification for c in classes):
             reason = "presentation contexts rejected, SOP class or transfer syntaxes not supported: " + ",".join(classes)
-            self._record_rejection(assoc_id, calling, classes[0], "", None, reason, None)
+            self.records.rejection(assoc_id, calling, classes[0], "", None, reason, None)
 
     def _on_rejected(self, event) -> None:
         # Rejections by pynetdicom itself (e.g. too many associations); ours are in _on_requested.
@@ -266,15 +225,7 @@ class StoreSCP:
             return
         assoc_id, outcome = entry
         outcome = outcome or "connection closed"
-        try:
-            with self.db.session() as session:
-                session.execute(
-                    update(Association)
-                    .where(Association.id == assoc_id)
-                    .values(ended_at=datetime.now(timezone.utc), reason=None if outcome == "released" else outcome)
-                )
-        except SQLAlchemyError as exc:
-            log_event(log, "audit_write_failed", logging.ERROR, what="association_end", error=type(exc).__name__)
+        self.records.association_ended(assoc_id, outcome)
         log_event(log, "association_ended", id=assoc_id, outcome=outcome)
 
     def _association_id(self, assoc) -> int | None:
@@ -349,21 +300,10 @@ class StoreSCP:
         """Spool then record one valid instance; ``stored`` or ``duplicate``; RejectedInstance on failure.
 
         One pooled connection does the duplicate check, then (after the durable spool write) one
-        short write transaction: prebuilt SQL Core statements, because this runs once per instance.
+        short write transaction (see ReceiveRecorder.instance).
         """
-        sql = self._sql
-        try:
-            conn = self.db.engine.connect()
-        except SQLAlchemyError as exc:
-            raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
-        with conn:
-            try:
-                conn.execution_options(**READ_ONLY)
-                duplicate = conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None
-                conn.commit()
-            except SQLAlchemyError as exc:
-                raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
-            if duplicate:
+        with self.records.connect() as conn:
+            if self.records.is_duplicate(conn, info.sop_instance_uid):
                 return "duplicate"
             try:
                 path = self.spool.write_incoming(raw, study_uid=info.study_uid, series_uid=info.series_uid, sop_uid=info.sop_instance_uid)
@@ -371,70 +311,12 @@ class StoreSCP:
                 raise RejectedInstance(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
             digest = hashlib.sha256(raw[0])
             digest.update(raw[1])
-            conn.execution_options(dicomnode_read_only=False)
-            for attempt in range(2):
-                try:
-                    with conn.begin():
-                        if conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None:
-                            return "duplicate"  # another association stored it meanwhile
-                        series_id = self._upsert_series(conn, info, calling)
-                        conn.execute(
-                            sql.insert_instance,
-                            {
-                                "sop_instance_uid": info.sop_instance_uid,
-                                "sop_class_uid": info.sop_class_uid,
-                                "series_id": series_id,
-                                "association_id": assoc_id,
-                                "transfer_syntax_uid": info.transfer_syntax_uid,
-                                "size_bytes": size,
-                                "sha256": digest.hexdigest(),
-                                "spool_path": str(path),
-                                "received_at": datetime.now(timezone.utc),
-                            },
-                        )
-                    return "stored"
-                except IntegrityError:
-                    if attempt == 0:
-                        continue  # a concurrent association created the series or instance row first
-                    path.unlink(missing_ok=True)
-                    raise RejectedInstance(STATUS_DB_UNAVAILABLE, "audit database conflict persisted after a retry") from None
-                except SQLAlchemyError as exc:
-                    # No row will point at the file: remove it so spool and audit agree.
-                    path.unlink(missing_ok=True)
-                    raise RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}") from exc
-        return "stored"  # unreachable; keeps type checkers content
-
-    def _upsert_series(self, conn, info: InstanceInfo, calling: str) -> int:
-        sql = self._sql
-        now = datetime.now(timezone.utc)
-        series_id = conn.execute(sql.series_id, {"uid": info.series_uid}).scalar()
-        if series_id is None:
-            result = conn.execute(
-                sql.insert_series,
-                {
-                    "series_uid": info.series_uid,
-                    "study_uid": info.study_uid,
-                    "patient_id": info.patient_id,
-                    "patient_name": info.patient_name,
-                    "birth_date": info.birth_date,
-                    "study_date": info.study_date,
-                    "modality": info.modality,
-                    "frame_of_reference_uid": info.frame_of_reference_uid,
-                    "calling_ae": calling[:16],
-                    "expected_count": info.expected_count,
-                    "received_count": 1,
-                    "first_received_at": now,
-                    "last_received_at": now,
-                    "state": SeriesState.receiving,
-                },
-            )
-            log_event(log, "series_started", series=info.series_uid, modality=info.modality, calling_ae=calling, expected=info.expected_count)
-            return int(result.inserted_primary_key[0])
-        if info.expected_count is None:
-            conn.execute(sql.bump_series, {"series_pk": series_id, "now": now})
-        else:
-            conn.execute(sql.bump_series_expected, {"series_pk": series_id, "now": now, "expected": info.expected_count})
-        return int(series_id)
+            try:
+                return self.records.instance(conn, info, path, size, digest.hexdigest(), assoc_id, calling)
+            except RejectedInstance:
+                # No row will point at the file: remove it so spool and audit agree.
+                path.unlink(missing_ok=True)
+                raise
 
     def _reject(self, raw, assoc_id, calling, sop_class, sop_uid, exc: RejectedInstance) -> Dataset:
         quarantine_path = None
@@ -443,7 +325,7 @@ class StoreSCP:
                 quarantine_path = str(self.spool.quarantine(raw, f"status=0x{exc.status:04X} calling_ae={calling} sop={sop_uid}\n{exc.reason}"))
             except SpoolError as qexc:
                 log_event(log, "quarantine_failed", logging.ERROR, error=str(qexc))
-        self._record_rejection(assoc_id, calling, sop_class, sop_uid, exc.status, exc.reason, quarantine_path)
+        self.records.rejection(assoc_id, calling, sop_class, sop_uid, exc.status, exc.reason, quarantine_path)
         log_event(
             log,
             "instance_rejected",
@@ -456,20 +338,3 @@ class StoreSCP:
             quarantine=quarantine_path,
         )
         return _failure(exc.status, exc.reason)
-
-    def _record_rejection(self, assoc_id, calling, sop_class, sop_uid, status, reason, quarantine_path) -> None:
-        try:
-            with self.db.session() as session:
-                session.add(
-                    Rejection(
-                        association_id=assoc_id,
-                        calling_ae=calling[:16],
-                        sop_instance_uid=sop_uid[:64],
-                        sop_class_uid=sop_class[:64],
-                        status=status,
-                        reason=reason,
-                        quarantine_path=quarantine_path,
-                    )
-                )
-        except SQLAlchemyError as exc:
-            log_event(log, "audit_write_failed", logging.ERROR, what="rejection", error=type(exc).__name__)

@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 
 from dicomnode.fusion.datasets import VALIDATION_CASES, load_pair_folder, split_by_case
@@ -51,3 +52,47 @@ def test_train_command_writes_weights_and_model_card(aanlib_dir, tmp_path):
     assert model is not None
     card = (tmp_path / "models" / "MODEL_CARD.md").read_text()
     assert "not for primary diagnosis" in card.lower() and "validation pairs: 1" in card
+
+
+def test_separable_ssim_matches_the_2d_window():
+    import torch.nn.functional as F
+
+    from dicomnode.fusion.losses import _gaussian_1d, ssim_map
+
+    x, y = torch.rand(2, 1, 40, 40), torch.rand(2, 1, 40, 40)
+    g = _gaussian_1d(x.device, x.dtype)
+    win = (g[:, None] * g[None, :]).view(1, 1, 11, 11)
+    mx, my = F.conv2d(x, win), F.conv2d(y, win)
+    sxx, syy, sxy = F.conv2d(x * x, win) - mx**2, F.conv2d(y * y, win) - my**2, F.conv2d(x * y, win) - mx * my
+    ref = ((2 * mx * my + 1e-4) * (2 * sxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (sxx + syy + 9e-4))
+    assert torch.allclose(ssim_map(x, y), ref, atol=1e-5)
+
+
+def test_activity_selection_copies_the_busier_source():
+    from dicomnode.fusion.losses import LossWeights, activity_selection, fusion_loss
+
+    a = torch.full((1, 1, 64, 64), 0.5)
+    b = torch.zeros(1, 1, 64, 64)
+    b[..., ::4, :] = 0.4  # stripes: much more local activity than the flat A
+    target = activity_selection(a, b)
+    assert torch.allclose(target[..., 16:48, 16:48], b[..., 16:48, 16:48], atol=0.02)
+    terms = fusion_loss(a, a, b, LossWeights(selection=1.0))
+    assert float(terms["selection"]) > 0.1 and "selection" not in fusion_loss(a, a, b, LossWeights())
+
+
+def test_train_command_stops_at_its_time_budget(aanlib_dir, tmp_path):
+    pet = tmp_path / "PET-MRI"
+    pet.mkdir()
+    for pair_id in ("25015", "30037"):
+        for path in (aanlib_dir / "PET-MRI").glob(f"{pair_id}_*.png"):
+            (pet / path.name).write_bytes(path.read_bytes())
+    args = argparse.Namespace(data=[pet], out=tmp_path / "models", epochs=None, device="cpu", seed=0, steps=None,
+                              batch=2, crop=32, lr=None, no_eval=True, minutes=0.01, loss_weights="1,20,4,5")
+    threads = torch.get_num_threads()
+    try:
+        assert train_command(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    meta = torch.load(tmp_path / "models" / "fusion_net.pt", weights_only=True)["meta"]
+    assert 1 <= meta["steps_done"] < 10**6
+    assert meta["settings"]["time_budget_s"] == pytest.approx(0.6) and meta["settings"]["loss"]["selection"] == 5.0

@@ -1,0 +1,215 @@
+"""Audit-database writes of the receive path: associations, stored instances and their series, rejections.
+
+The SCP decides what happened; this module only records it. The instance row is written after
+the spool write has been fsynced, and the SCP answers success only after the row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.sql.expression import Executable
+
+from dicomnode.audit.db import READ_ONLY, AuditDB
+from dicomnode.audit.models import Association, Instance, Rejection, Series, SeriesState
+from dicomnode.log import event as log_event
+from dicomnode.net.validate import STATUS_DB_UNAVAILABLE, InstanceInfo, RejectedInstance
+
+log = logging.getLogger(__name__)
+
+
+def _db_unavailable(exc: SQLAlchemyError) -> RejectedInstance:
+    return RejectedInstance(STATUS_DB_UNAVAILABLE, f"audit database unavailable: {type(exc).__name__}")
+
+
+@dataclass(frozen=True)
+class StoreStatements:
+    """The C-STORE path's SQL, built once: constructing Core statements per call costs more than running them."""
+
+    exists: Executable
+    series_id: Executable
+    insert_series: Executable
+    bump_series: Executable
+    bump_series_expected: Executable
+    insert_instance: Executable
+
+    @classmethod
+    def build(cls) -> StoreStatements:
+        bump = update(Series).where(Series.id == bindparam("series_pk"))
+        counted = {"received_count": Series.received_count + 1, "last_received_at": bindparam("now")}
+        return cls(
+            exists=select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop")),
+            series_id=select(Series.id).where(Series.series_uid == bindparam("uid")),
+            insert_series=insert(Series),
+            bump_series=bump.values(**counted),
+            bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")),
+            insert_instance=insert(Instance),
+        )
+
+
+class ReceiveRecorder:
+    """Writes the receive path's audit rows; a failed association or rejection write is logged, not raised."""
+
+    def __init__(self, db: AuditDB):
+        self.db = db
+        self._sql = StoreStatements.build()
+
+    # -- associations ----------------------------------------------------------------------
+    def association(
+        self, calling_ae: str, called_ae: str, peer_host: str, peer_port: int, accepted: bool, reason: str | None
+    ) -> int | None:
+        """Insert an association row; its id, or None when the database could not be written."""
+        now = datetime.now(timezone.utc)
+        row = Association(
+            calling_ae=calling_ae[:16],
+            called_ae=called_ae[:16],
+            peer_host=peer_host[:64],
+            peer_port=peer_port,
+            accepted=accepted,
+            reason=reason,
+            started_at=now,
+            ended_at=None if accepted else now,
+        )
+        try:
+            with self.db.session() as session:
+                session.add(row)
+                session.flush()
+                return row.id
+        except SQLAlchemyError as exc:
+            log_event(log, "audit_write_failed", logging.ERROR, what="association", error=type(exc).__name__)
+            return None
+
+    def association_ended(self, assoc_id: int, outcome: str) -> None:
+        """Stamp the end time; ``reason`` keeps the outcome unless the association was released."""
+        try:
+            with self.db.session() as session:
+                session.execute(
+                    update(Association)
+                    .where(Association.id == assoc_id)
+                    .values(ended_at=datetime.now(timezone.utc), reason=None if outcome == "released" else outcome)
+                )
+        except SQLAlchemyError as exc:
+            log_event(log, "audit_write_failed", logging.ERROR, what="association_end", error=type(exc).__name__)
+
+    # -- instances -------------------------------------------------------------------------
+    def connect(self) -> Connection:
+        """A pooled connection for one C-STORE; RejectedInstance (0xA7xx) when the database is down."""
+        try:
+            return self.db.engine.connect()
+        except SQLAlchemyError as exc:
+            raise _db_unavailable(exc) from exc
+
+    def is_duplicate(self, conn: Connection, sop_instance_uid: str) -> bool:
+        """Whether the instance is already recorded (read-only check, before the spool write)."""
+        try:
+            conn.execution_options(**READ_ONLY)
+            duplicate = conn.execute(self._sql.exists, {"sop": sop_instance_uid}).first() is not None
+            conn.commit()
+        except SQLAlchemyError as exc:
+            raise _db_unavailable(exc) from exc
+        return duplicate
+
+    def instance(
+        self, conn: Connection, info: InstanceInfo, spool_path: Path, size: int, sha256: str, assoc_id: int | None, calling: str
+    ) -> str:
+        """Record a spooled instance and grow its series in one short transaction; ``stored`` or ``duplicate``.
+
+        Raises RejectedInstance when the row cannot be written; the caller then removes the spool
+        file, since no row will point at it.
+        """
+        sql = self._sql
+        conn.execution_options(dicomnode_read_only=False)
+        for attempt in range(2):
+            try:
+                with conn.begin():
+                    if conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None:
+                        return "duplicate"  # another association stored it meanwhile
+                    series_id = self._upsert_series(conn, info, calling)
+                    conn.execute(
+                        sql.insert_instance,
+                        {
+                            "sop_instance_uid": info.sop_instance_uid,
+                            "sop_class_uid": info.sop_class_uid,
+                            "series_id": series_id,
+                            "association_id": assoc_id,
+                            "transfer_syntax_uid": info.transfer_syntax_uid,
+                            "size_bytes": size,
+                            "sha256": sha256,
+                            "spool_path": str(spool_path),
+                            "received_at": datetime.now(timezone.utc),
+                        },
+                    )
+                return "stored"
+            except IntegrityError:
+                if attempt == 0:
+                    continue  # a concurrent association created the series or instance row first
+                raise RejectedInstance(STATUS_DB_UNAVAILABLE, "audit database conflict persisted after a retry") from None
+            except SQLAlchemyError as exc:
+                raise _db_unavailable(exc) from exc
+        return "stored"  # unreachable; keeps type checkers content
+
+    def _upsert_series(self, conn: Connection, info: InstanceInfo, calling: str) -> int:
+        sql = self._sql
+        now = datetime.now(timezone.utc)
+        series_id = conn.execute(sql.series_id, {"uid": info.series_uid}).scalar()
+        if series_id is None:
+            result = conn.execute(
+                sql.insert_series,
+                {
+                    "series_uid": info.series_uid,
+                    "study_uid": info.study_uid,
+                    "patient_id": info.patient_id,
+                    "patient_name": info.patient_name,
+                    "birth_date": info.birth_date,
+                    "study_date": info.study_date,
+                    "modality": info.modality,
+                    "frame_of_reference_uid": info.frame_of_reference_uid,
+                    "calling_ae": calling[:16],
+                    "expected_count": info.expected_count,
+                    "received_count": 1,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "state": SeriesState.receiving,
+                },
+            )
+            log_event(log, "series_started", series=info.series_uid, modality=info.modality, calling_ae=calling, expected=info.expected_count)
+            return int(result.inserted_primary_key[0])
+        if info.expected_count is None:
+            conn.execute(sql.bump_series, {"series_pk": series_id, "now": now})
+        else:
+            conn.execute(sql.bump_series_expected, {"series_pk": series_id, "now": now, "expected": info.expected_count})
+        return int(series_id)
+
+    # -- rejections ------------------------------------------------------------------------
+    def rejection(
+        self,
+        assoc_id: int | None,
+        calling: str,
+        sop_class: str,
+        sop_uid: str,
+        status: int | None,
+        reason: str,
+        quarantine_path: str | None,
+    ) -> None:
+        """Insert a rejection row (instance or association level; ``status`` None for the latter)."""
+        try:
+            with self.db.session() as session:
+                session.add(
+                    Rejection(
+                        association_id=assoc_id,
+                        calling_ae=calling[:16],
+                        sop_instance_uid=sop_uid[:64],
+                        sop_class_uid=sop_class[:64],
+                        status=status,
+                        reason=reason,
+                        quarantine_path=quarantine_path,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            log_event(log, "audit_write_failed", logging.ERROR, what="rejection", error=type(exc).__name__)
