@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import SeriesState
+from dicomnode.audit.retention import purge_audit
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # How often the send queue is polled between wake-ups (seconds); retries are timed by Send rows.
 SEND_POLL_S = 2.0
-# How often spool retention runs (hours); files go once older than retention.spool_days.
+# How often retention runs (hours): spool files and audit rows go once older than their limit.
 RETENTION_EVERY_H = 6.0
 
 
@@ -91,9 +92,9 @@ class Node:
         self._scheduler.add_job(self.check_completion, "interval", seconds=self.config.completion.check_interval_s,
                                 id="completion", next_run_time=now)
         self._scheduler.add_job(self.run_sends, "interval", seconds=SEND_POLL_S, id="sends", next_run_time=now)
-        if self.config.retention.spool_days > 0:
+        if self.config.retention.spool_days > 0 or self.config.retention.audit_days > 0:
             # First run one interval after start, so jobs recovered at start use their inputs first.
-            self._scheduler.add_job(self.purge_spool, "interval", hours=RETENTION_EVERY_H, id="retention")
+            self._scheduler.add_job(self.apply_retention, "interval", hours=RETENTION_EVERY_H, id="retention")
         self._scheduler.start()
         try:
             self.scp.start()
@@ -193,6 +194,19 @@ class Node:
 
 
     # -- retention ---------------------------------------------------------------------------
+    def apply_retention(self) -> None:
+        self.purge_spool()
+        self.purge_audit()
+
+    def purge_audit(self) -> None:
+        """Delete audit rows of work that ended more than ``retention.audit_days`` ago."""
+        days = self.config.retention.audit_days
+        with self.db.session() as session:
+            report = purge_audit(session, days)
+        if report.rows:
+            log.info("event=audit_purge days=%d jobs=%d series=%d instances=%d rejections=%d associations=%d",
+                     days, report.jobs, report.series, report.instances, report.rejections, report.associations)
+
     def purge_spool(self) -> None:
         """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent)."""
         days = self.config.retention.spool_days

@@ -135,6 +135,34 @@ def test_spool_retention_purges_old_files_only(tmp_path):
     assert not old.exists() and new.exists()
 
 
+def test_audit_retention_deletes_old_finished_jobs(tmp_path, caplog):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import select
+
+    from dicomnode.audit.models import Job, JobState
+
+    cfg = load_config(overrides={
+        "node": {"port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "retention": {"audit_days": 30},
+    })
+    node = Node(cfg, process=lambda inputs: None)
+    long_ago = datetime.now(timezone.utc) - timedelta(days=31)
+    with node.db.session() as s:
+        for state, at in ((JobState.done, long_ago), (JobState.processing, long_ago),
+                          (JobState.done, datetime.now(timezone.utc))):
+            s.add(Job(rule="r", fixed_series_uid=f"1.{len(s.new)}", moving_series_uid="2", study_uid="3",
+                      method="alpha", state=state, updated_at=at))
+    with caplog.at_level("INFO", logger="dicomnode.node"):
+        node.apply_retention()
+    with node.db.session() as s:
+        left = sorted(state.value for state in s.scalars(select(Job.state)))
+    node.db.close()
+    assert left == ["done", "processing"]
+    assert "event=audit_purge days=30 jobs=1" in caplog.text
+
+
 def test_relative_spool_dir_is_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(overrides={"storage": {"spool_dir": "var/spool", "database_url": "sqlite:///var/a.db"}})

@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 
-from tests.conftest import require
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Association, Base, Job, Series
-
-POSTGRES_URL = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/test")
-
-
-def _postgres_available() -> tuple[bool, str]:
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-        return True, ""
-    except Exception as exc:  # any failure means "no server here"
-        return False, f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path) -> Iterator[AuditDB]:
-    if request.param == "sqlite":
-        database = AuditDB.open(f"sqlite:///{tmp_path / 'sub' / 'audit.db'}")
-        yield database
-        database.close()
-        return
-    ok, reason = _postgres_available()
-    require(ok, reason)
-    # A schema per test keeps concurrent runs on the same server apart.
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        database = AuditDB.open(POSTGRES_URL, schema=schema)
-        yield database
-        database.close()
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_upgrade_creates_the_model_schema(db):
