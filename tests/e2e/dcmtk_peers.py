@@ -42,8 +42,10 @@ def _free_port() -> int:
 class StoreSCPPeer:
     """DCMTK storescp writing each received instance to its own file under ``folder``."""
 
-    def __init__(self, storescp: str, folder: Path, ae_title: str = "PEER", port: int | None = None):
+    def __init__(self, storescp: str, folder: Path, ae_title: str = "PEER", port: int | None = None,
+                 extra_args: list[str] | None = None):
         self.storescp = storescp
+        self.extra_args = list(extra_args or [])
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -54,7 +56,7 @@ class StoreSCPPeer:
         self._log = open(self.folder.parent / f"storescp-{self.port}.log", "wb")
         self._proc = subprocess.Popen(
             [self.storescp, "--aetitle", self.ae_title, "--output-directory", str(self.folder), "--unique-filenames",
-             "--max-pdu", "131072", str(self.port)],
+             "--max-pdu", "131072", *self.extra_args, str(self.port)],
             env=ENV, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15
@@ -90,11 +92,12 @@ class StoreSCPPeer:
         self.stop()
 
 
-def storescu(tool: str, files: list[Path], *, port: int, calling_ae: str, called_ae: str = "DICOMNODE") -> None:
+def storescu(tool: str, files: list[Path], *, port: int, calling_ae: str, called_ae: str = "DICOMNODE",
+             extra_args: list[str] | None = None) -> None:
     """C-STORE ``files`` to the node on 127.0.0.1 with DCMTK storescu; raises if any store failed."""
     result = subprocess.run(
-        [tool, "-aet", calling_ae, "-aec", called_ae, "--max-pdu", "131072", "127.0.0.1", str(port),
-         *[str(f) for f in files]],
+        [tool, "-aet", calling_ae, "-aec", called_ae, "--max-pdu", "131072", *(extra_args or []), "127.0.0.1",
+         str(port), *[str(f) for f in files]],
         env=ENV, capture_output=True, text=True, timeout=120,
     )
     if result.returncode != 0:
