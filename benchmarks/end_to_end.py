@@ -2,7 +2,8 @@
 
 Runs the demo loop (``dicomnode demo``) ``--reps`` times per registration setting and prints a
 Markdown table of median seconds per processing stage and per audit milestone (seconds after
-Orthanc was asked to send the study). ``auto`` skips registration (STS_002's series share one
+Orthanc was asked to send the study), and the quality stage's share of the processing time (the
+sum of the stages). ``auto`` skips registration (STS_002's series share one
 frame of reference); ``always`` runs rigid -> affine -> deformable anyway.
 
     python benchmarks/end_to_end.py --reps 3 [--synthetic] [--method alpha]
@@ -46,11 +47,16 @@ def main() -> int:
             study = run.study
             for name, seconds in run.timings.items():
                 cells.setdefault(f"stage {name}", []).append(seconds)
+            if run.timings.get("total_s"):  # per run, so the median share is not a ratio of medians
+                share = 100.0 * run.timings.get("quality", 0.0) / run.timings["total_s"]
+                cells.setdefault("quality share of processing (%)", []).append(share)
             for name, seconds in run.timeline:
                 cells.setdefault(name, []).append(seconds)
-            print(f"[bench] mode={mode} rep={rep + 1} done in {dict(run.timeline)['job done']:.2f} s", flush=True)
+            share_text = f", quality {cells['quality share of processing (%)'][-1]:.1f}%" if run.timings.get("total_s") else ""
+            print(f"[bench] mode={mode} rep={rep + 1} done in {dict(run.timeline)['job done']:.2f} s{share_text}", flush=True)
     keys = list(dict.fromkeys(k for cells in rows.values() for k in cells))
-    print(f"\nStudy: {study}; machine load average at end: {os.getloadavg()[0]:.1f}\n")
+    print(f"\nStudy: {study}; method: {args.method or 'configured default'}; "
+          f"machine load average at end: {os.getloadavg()[0]:.1f}\n")
     modes = list(rows)
     print("| | " + " | ".join(f"registration {m} (median s)" for m in modes) + " |")
     print("|---|" + "---|" * len(modes))

@@ -169,14 +169,15 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     with watch.stage("quality"):
         # A colour-mapped moving image enters the blend by its colours: score it by their luminance.
         b_seen = _luma(moving_in).numpy() if moving_in.shape[1] == 3 else b
-        quality = score_series(a * 255.0, b_seen * 255.0, _luma(fused).numpy() * 255.0, tuple(cfg.quality.metrics))
+        quality = score_series(a * 255.0, b_seen * 255.0, _luma(fused).numpy() * 255.0, tuple(cfg.quality.metrics),
+                               max_slices=cfg.quality.max_slices, round_fused=cfg.quality.round_fused)
         failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
     with watch.stage("encode"):
         rgb = (fused.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
         derivation = (
             f"{moving.modality} series resampled onto the {fixed.modality} grid "
             f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {result.method}; series quality "
+            f"and fused by method {result.method}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
             + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
         sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,

@@ -18,6 +18,7 @@ import numpy as np
 from dicomnode.quality import basic, information, perceptual, stack, structural
 from dicomnode.quality.fsim import fsim
 from dicomnode.quality.names import DEFAULT_SERIES_METRICS, DIRECTIONS, METRIC_NAMES
+from dicomnode.quality.sampling import select_slices
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +234,18 @@ def compute_metrics(a: np.ndarray, b: np.ndarray, f: np.ndarray, names: Iterable
 
 @dataclass
 class SeriesQuality:
-    """Metrics of one fused series: one dict per slice (NaN values for skipped slices) and their mean."""
+    """Metrics of one fused series: one dict per slice (NaN values for slices not scored) and their mean."""
 
     names: list[str]
     per_slice: list[dict[str, float]]
     summary: dict[str, float]
     skipped: list[int] = field(default_factory=list)  # slice indices with no content in either source
     elapsed_s: float = 0.0
+    scored_slices: list[int] = field(default_factory=list)  # the slices the summary averages, ascending
 
     @property
     def scored(self) -> int:
-        return len(self.per_slice) - len(self.skipped)
+        return len(self.scored_slices)
 
 
 def _slice_option(value, i: int, n: int):
@@ -281,25 +283,28 @@ def _score_stack(a: np.ndarray, b: np.ndarray, f: np.ndarray, names: list[str], 
 
 
 def score_series(
-    a: np.ndarray, b: np.ndarray, f: np.ndarray, names: Iterable[str] | None = None, **options
+    a: np.ndarray, b: np.ndarray, f: np.ndarray, names: Iterable[str] | None = None, *, max_slices: int = 0, **options
 ) -> SeriesQuality:
-    """Score a fused series slice by slice. a, b, f: (N, H, W) on 0..255, slice index first.
+    """Score a fused series slice by slice. a, b (moving), f: (N, H, W) on 0..255, slice index first.
 
-    A slice where both sources are constant (blank slices beyond the body) is skipped: its dict holds
-    NaN and it does not enter the summary. The summary is the mean over the scored slices of each
-    metric, ignoring NaN values; NaN when no slice was scored. Saliency and mask options may be
-    (N, H, W) and are then taken per slice. EN, MI, SSIM, Qabf and VIF are computed on many slices
-    at once (stack.py) and equal compute_metrics on each slice to rounding.
+    A slice where both sources are constant (blank slices beyond the body) is skipped. ``max_slices``
+    > 0 scores at most that many of the others, spread through the series and always including the
+    one with the most moving-image signal (sampling.select_slices). A slice not scored has NaN in
+    its dict. The summary is the mean over the scored slices of each metric, ignoring NaN values;
+    NaN when no slice was scored. Saliency and mask options may be (N, H, W) and are then taken
+    per slice. EN, MI, SSIM, Qabf and VIF are computed on many slices at once (stack.py) and equal
+    compute_metrics on each slice to rounding.
     """
     chosen = _names(DEFAULT_SERIES_METRICS if names is None else names)
     a, b, f = (np.asarray(v, dtype=np.float64) for v in (a, b, f))
     if a.ndim != 3 or not a.shape == b.shape == f.shape:
         raise MetricInputError(f"series must be (N, H, W) of one shape, got {a.shape}, {b.shape}, {f.shape}")
+    if max_slices < 0:
+        raise MetricInputError(f"max_slices must be 0 (every slice) or more, not {max_slices}")
     start = time.perf_counter()
     n = a.shape[0]
-    flat = (np.ptp(a, axis=(1, 2)) == 0) & (np.ptp(b, axis=(1, 2)) == 0) if n else np.zeros(0, dtype=bool)
-    skipped = [int(i) for i in np.flatnonzero(flat)]
-    scored_idx = np.flatnonzero(~flat)
+    selection = select_slices(a, b, max_slices)
+    scored_idx = np.asarray(selection.scored, dtype=np.intp)
     table = np.full((n, len(chosen)), np.nan)
     stacked = [m for m in chosen if m in _STACKED]
     per_slice_names = [m for m in chosen if m not in _STACKED]
@@ -323,8 +328,10 @@ def score_series(
         scored = table[scored_idx]
         means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scored.T]
     elapsed = time.perf_counter() - start
-    log.info("event=series_scored slices=%d skipped=%d metrics=%s seconds=%.3f", n, len(skipped), ",".join(chosen), elapsed)
-    return SeriesQuality(chosen, per_slice, dict(zip(chosen, means, strict=True)), skipped, elapsed)
+    log.info("event=series_scored slices=%d scored=%d blank=%d metrics=%s seconds=%.3f",
+             n, scored_idx.size, len(selection.blank), ",".join(chosen), elapsed)
+    return SeriesQuality(chosen, per_slice, dict(zip(chosen, means, strict=True)), selection.blank, elapsed,
+                         selection.scored)
 
 
 def threshold_failures(summary: dict[str, float], thresholds: dict[str, float]) -> list[str]:

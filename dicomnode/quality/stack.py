@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, special
 
-from dicomnode.quality.structural import _EPS, _gauss1d
+from dicomnode.quality.structural import _gauss1d, vif_terms
 
 
 def _bin_index(x: np.ndarray, bins: int) -> np.ndarray:
@@ -106,27 +106,6 @@ def _filter_valid(img: np.ndarray, g: np.ndarray, step: int = 1) -> np.ndarray:
     return out[:, :, r : cols - r : step]
 
 
-def _vif_terms(s1, s2, s12, sigma_nsq):
-    """Information with and without distortion per pixel, the reference's corrections applied in its order."""
-    s1[s1 < 0] = 0
-    gain = s12 / (s1 + _EPS)
-    sv = s2 - gain * s12
-    flat_ref = s1 < _EPS
-    gain[flat_ref] = 0
-    sv[flat_ref] = s2[flat_ref]
-    s1[flat_ref] = 0
-    flat_dist = s2 < _EPS
-    gain[flat_dist] = 0
-    sv[flat_dist] = 0
-    neg = gain < 0
-    sv[neg] = s2[neg]
-    gain[neg] = 0
-    sv[sv <= _EPS] = _EPS
-    vid = np.log10(1 + gain**2 * s1 / (sv + sigma_nsq))
-    vind = np.log10(1 + s1 / sigma_nsq)
-    return vid, vind
-
-
 def vifp_stack(sources: list[np.ndarray], f: np.ndarray, sigma_nsq: float = 2.0) -> list[np.ndarray]:
     """Per-slice pixel-domain VIF of F against each source (structural.vifp); NaN where a source is flat."""
     n = f.shape[0]
@@ -149,7 +128,7 @@ def vifp_stack(sources: list[np.ndarray], f: np.ndarray, sigma_nsq: float = 2.0)
             mu1 = _filter_valid(ref, g)
             s1 = _filter_valid(ref * ref, g) - mu1 * mu1
             s12 = _filter_valid(ref * dist, g) - mu1 * mu2
-            vid, vind = _vif_terms(s1, s2, s12, sigma_nsq)
+            _, vid, vind = vif_terms(s1, s2, s12, sigma_nsq)
             num[k] += vid.sum(axis=(1, 2))
             den[k] += vind.sum(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):

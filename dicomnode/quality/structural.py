@@ -50,6 +50,31 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out[r : img.shape[0] - r, r : img.shape[1] - r]
 
 
+def vif_terms(s1: np.ndarray, s2: np.ndarray, s12: np.ndarray, sigma_nsq: float):
+    """Gain, information with and without distortion per pixel, the reference's corrections in its order.
+
+    ``s1``, ``s2``: local variances of reference and distorted image (``s2`` clipped at 0 by the
+    caller), ``s12`` their covariance; ``s1`` is modified in place.
+    """
+    s1[s1 < 0] = 0
+    gain = s12 / (s1 + _EPS)
+    sv = s2 - gain * s12
+    flat_ref = s1 < _EPS
+    gain[flat_ref] = 0
+    sv[flat_ref] = s2[flat_ref]
+    s1[flat_ref] = 0
+    flat_dist = s2 < _EPS
+    gain[flat_dist] = 0
+    sv[flat_dist] = 0
+    neg = gain < 0
+    sv[neg] = s2[neg]
+    gain[neg] = 0
+    sv[sv <= _EPS] = _EPS
+    vid = np.log10(1 + gain**2 * s1 / (sv + sigma_nsq))
+    vind = np.log10(1 + s1 / sigma_nsq)
+    return gain, vid, vind
+
+
 def _vif_scales(ref: np.ndarray, dist: np.ndarray, sigma_nsq: float) -> Iterator[tuple[np.ndarray, ...]]:
     """Per scale (4 scales, Gaussian N = 2^(5-s)+1, sigma N/5): gain g, information with and without distortion."""
     ref = ref.astype(np.float64)
@@ -66,24 +91,8 @@ def _vif_scales(ref: np.ndarray, dist: np.ndarray, sigma_nsq: float) -> Iterator
         s1 = _filter_valid(ref * ref, g) - mu1 * mu1
         s2 = _filter_valid(dist * dist, g) - mu2 * mu2
         s12 = _filter_valid(ref * dist, g) - mu1 * mu2
-        s1[s1 < 0] = 0
         s2[s2 < 0] = 0
-        gain = s12 / (s1 + _EPS)
-        sv = s2 - gain * s12
-        flat_ref = s1 < _EPS
-        gain[flat_ref] = 0
-        sv[flat_ref] = s2[flat_ref]
-        s1[flat_ref] = 0
-        flat_dist = s2 < _EPS
-        gain[flat_dist] = 0
-        sv[flat_dist] = 0
-        neg = gain < 0
-        sv[neg] = s2[neg]
-        gain[neg] = 0
-        sv[sv <= _EPS] = _EPS
-        vid = np.log10(1 + gain**2 * s1 / (sv + sigma_nsq))
-        vind = np.log10(1 + s1 / sigma_nsq)
-        yield gain, vid, vind
+        yield vif_terms(s1, s2, s12, sigma_nsq)
 
 
 def vifp(ref: np.ndarray, dist: np.ndarray, sigma_nsq: float = 2.0) -> float:

@@ -8,9 +8,11 @@ the CT). The audit database must tell the whole story.
 from __future__ import annotations
 
 import io
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select
@@ -18,7 +20,7 @@ from sqlalchemy import select
 from tests.conftest import free_port, require
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Association, Instance, Job, JobEvent, JobState, Metric, Send, SendState, Series, SeriesState
-from dicomnode.config import load_config
+from dicomnode.config import QualityConfig, load_config
 from dicomnode.node import Node
 from dicomnode.testing.orthanc import NodePeer, Orthanc, find_orthanc
 
@@ -120,10 +122,22 @@ def check_audit(db: AuditDB, job: Job, n_ct: int, n_pt: int) -> None:
         per_series = s.scalars(select(Metric).where(Metric.job_id == job.id, Metric.slice_index.is_(None))).all()
         per_slice = s.scalars(select(Metric).where(Metric.job_id == job.id, Metric.slice_index.is_not(None))).all()
         assert per_series and per_slice
-        assert {m.slice_index for m in per_slice} == set(range(n_ct))
+        check_scored_slices(per_series, per_slice, n_ct)
         assert set(job.timings) >= {"load", "register", "fuse", "encode"}
         # Both studies share one frame of reference: resampling only, and the report says so.
         assert job.registration["skipped_reason"] == "same FrameOfReferenceUID"
+
+
+def check_scored_slices(per_series: list[Metric], per_slice: list[Metric], n_slices: int) -> None:
+    """Per-slice rows exist for the scored slices only, spread through the series; each series value is their mean."""
+    limit = QualityConfig().max_slices
+    scored = sorted({m.slice_index for m in per_slice})
+    assert len(scored) == min(n_slices, limit) and set(scored) <= set(range(n_slices))
+    edges = [-1, *scored, n_slices]
+    assert max(np.diff(edges)) <= 2 * math.ceil(n_slices / limit)  # no long stretch left unscored
+    for series_row in per_series:
+        values = [m.value for m in per_slice if m.name == series_row.name]
+        assert series_row.value == pytest.approx(sum(values) / len(values), rel=1e-9)
 
 
 def test_synthetic_study_round_trip(tmp_path):
