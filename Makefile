@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,postgres]'
+	# piq: reference FSIM/VIF for the metric tests only. --no-deps: its torchvision would replace torch.
+	$(PY) -m pip install -q --no-deps piq==0.8.0
 	touch $(STAMP)
 
 # DCMTK (storescu/storescp/dcm2pnm), dicom3tools (dciodvfy) and Orthanc, from Debian, when missing.

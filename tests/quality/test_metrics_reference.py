@@ -1,14 +1,19 @@
-"""Metrics against independent implementations: scikit-image, scikit-learn, sewar, and loop ports in the test."""
+"""Metrics against independent implementations: scikit-image, scikit-learn, sewar, piq, and loop ports in the test."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
+from tests.conftest import require
 from dicomnode.quality import basic, information, perceptual, structural
+from dicomnode.quality.fsim import fsim
 from dicomnode.quality.metrics import compute_metrics
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
@@ -159,3 +164,46 @@ def test_fast_fmi_matches_a_loop_port(feature):
         for p in range(1, 10) for q in range(1, 10)
     ])
     assert information.fmi(a, b, f, feature=feature) == pytest.approx(expected, rel=1e-10)
+
+
+def _piq(module: str):
+    """A piq submodule, loaded without piq/__init__.py: that imports torchvision, which the venv must not
+    have (it would replace the pinned torch); fsim and vif need only torch."""
+    spec = importlib.util.find_spec("piq")
+    require(spec is not None and spec.submodule_search_locations is not None,
+            "piq is not installed (make install adds it with --no-deps)")
+    if "piq" not in sys.modules:
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["piq"] = package  # bare package: submodules import from it, __init__ never runs
+    return importlib.import_module(f"piq.{module}")
+
+
+def _distortions(a: np.ndarray) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [np.clip(a + rng.normal(0, 10, a.shape), 0, 255), np.roll(a, 3, axis=1), 0.6 * a + 40]
+
+
+def _t(x: np.ndarray):
+    import torch
+
+    return torch.tensor(x, dtype=torch.float64)[None, None]
+
+
+def test_fsim_matches_piq(ct_mri):
+    piq_fsim = _piq("fsim").fsim
+    a, b, f = ct_mri
+    for ref in (a, b):
+        for dist in [f, *_distortions(ref)]:
+            theirs = float(piq_fsim(_t(dist), _t(ref), data_range=255.0, chromatic=False))
+            assert fsim(ref, dist) == pytest.approx(theirs, abs=2e-4)
+
+
+def test_vif_matches_piq(ct_mri):
+    # piq.vif_p(x, y): x is the distorted image, y the reference. Its flat-region threshold is 1e-8
+    # (ours and sewar's 1e-10), hence agreement to 1e-4 here and to 1e-9 with sewar above.
+    piq_vif = _piq("vif").vif_p
+    a, b, f = ct_mri
+    for ref in (a, b):
+        for dist in [f, *_distortions(ref)]:
+            theirs = float(piq_vif(_t(dist), _t(ref), data_range=255.0))
+            assert structural.vifp(ref, dist) == pytest.approx(theirs, rel=1e-4)
