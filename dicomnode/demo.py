@@ -150,8 +150,7 @@ def demo_command(args) -> int:
 
     setup_logging(LoggingConfig(level="WARNING"))
     # Real data carries harmless standard deviations (e.g. over-long SH values) that pydicom and
-    # highdicom report on every read; they would drown the demo's own lines.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # highdicom also report as Python warnings on every read; they would drown the demo's own lines.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)\b")
     try:
         run_demo(Path(args.workdir).resolve(), bool(args.synthetic))

@@ -98,4 +98,7 @@ def setup_logging(cfg: LoggingConfig) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom warns once per element about source data that breaks a VR rule (a 17-character SH
     # from a modality, say); we pass such values through unchanged, so the lines say nothing new.
+    # Its first import resets its logger to WARNING, so import it before setting the level.
+    import pydicom.config  # noqa: F401
+
     logging.getLogger("pydicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.ERROR)

@@ -33,3 +33,25 @@ def test_kv_and_json_output(capsys):
     assert record["event"] == "stored" and record["size"] == 12 and record["level"] == "INFO"
     setup_logging(LoggingConfig())
     assert sum(h.get_name() == "dicomnode-stderr" for h in logging.getLogger().handlers) == 1
+
+
+def test_pydicom_vr_warnings_stay_quiet_even_when_pydicom_is_imported_later():
+    # A fresh interpreter: pydicom's first import resets its logger level, which must not undo ours.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dicomnode.config import LoggingConfig\n"
+        "from dicomnode.log import setup_logging\n"
+        "assert 'pydicom' not in sys.modules\n"
+        "setup_logging(LoggingConfig(level='INFO'))\n"
+        "from pydicom.dataset import Dataset\n"
+        "ds = Dataset()\n"
+        "ds.StudyID = 'X' * 18\n"
+        "print('set', ds.StudyID)\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "set " + "X" * 18
+    assert "exceeds the maximum length" not in run.stderr
