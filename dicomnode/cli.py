@@ -1,4 +1,4 @@
-"""Command line: serve | demo | send | register | fuse | train | metrics | bench | audit | check-config.
+"""Command line: serve | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
 
 Each command's work lives in the module named beside it; this file only parses arguments, so
 ``dicomnode --help`` stays fast (heavy imports happen in the command that needs them).
@@ -22,6 +22,7 @@ COMMANDS = {
     "metrics": "dicomnode.quality.commands:metrics_command",
     "bench": "dicomnode.quality.bench:bench_command",
     "audit": "dicomnode.audit.queries:audit_command",
+    "resend": "dicomnode.jobs:resend_command",
     "check-config": "dicomnode.node:check_config_command",
 }
 
@@ -95,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=None)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--job", type=int, default=None, help="show one job with its events and metrics")
+    p.add_argument("--study", default=None, help="only this StudyInstanceUID")
+    p.add_argument("--patient", default=None, help="only this PatientID")
+    p.add_argument("--state", default=None, help="only jobs in this state (paired, processing, ..., done, failed)")
+
+    p = sub.add_parser("resend", help="requeue the failed sends of failed jobs (a running node sends them)")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--database-url", default=None)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, nargs="+", default=[], help="these jobs")
+    which.add_argument("--all-failed", action="store_true", help="every failed job with failed sends")
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", type=Path)

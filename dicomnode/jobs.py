@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +39,8 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     JobState.encoded: frozenset({JobState.sending, JobState.failed}),
     JobState.sending: frozenset({JobState.done, JobState.failed}),
     JobState.done: frozenset(),
-    JobState.failed: frozenset(),
+    # failed -> sending: an administrator asked to resend a job whose sends gave up (``dicomnode resend``).
+    JobState.failed: frozenset({JobState.sending}),
 }
 
 ProcessFn = Callable[[JobInputs], ProcessingOutput]
@@ -175,6 +178,76 @@ def settle_sending_jobs(session: Session) -> list[tuple[int, JobState]]:
             transition(session, job, JobState.done, f"sends={len(sends)} instances={sum(len(s.files) for s in sends)}")
             moved.append((job.id, JobState.done))
     return moved
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What ``requeue_failed_sends`` did: jobs moved back to sending, and jobs left alone with why."""
+
+    jobs: dict[int, int] = field(default_factory=dict)  # job id -> sends requeued
+    refused: dict[int, str] = field(default_factory=dict)  # job id -> reason
+
+
+def requeue_failed_sends(session: Session, job_ids: list[int] | None = None) -> Requeued:
+    """Put the failed sends of failed jobs (all such jobs when ``job_ids`` is None) back in the queue.
+
+    Each send restarts with a fresh attempt budget, due now; its job goes back to ``sending`` and
+    settles as usual. A job is refused when it failed before sending, or when retention has
+    already deleted output files it would send (nothing is sent half).
+    """
+    query = select(Job).where(Job.state == JobState.failed)
+    if job_ids is not None:
+        query = select(Job).where(Job.id.in_(job_ids))
+    out = Requeued()
+    found = set()
+    for job in session.scalars(query.order_by(Job.id)).all():
+        found.add(job.id)
+        failed = session.scalars(select(Send).where(Send.job_id == job.id, Send.state == SendState.failed)).all()
+        if job.state is not JobState.failed or not failed:
+            if job_ids is not None:
+                out.refused[job.id] = (f"state {job.state.value}, no failed send" if job.state is not JobState.failed
+                                       else f"failed before sending: {job.reason}")
+            continue
+        missing = [f for s in failed for f in s.files if not Path(f).is_file()]
+        if missing:
+            out.refused[job.id] = f"{len(missing)} output files are gone (retention?), e.g. {missing[0]}"
+            continue
+        now = datetime.now(timezone.utc)
+        for send in failed:
+            send.state = SendState.pending
+            send.attempts = 0
+            send.next_attempt_at = now
+            send.last_status = f"requeued by an administrator; was: {send.last_status}"
+        transition(session, job, JobState.sending, f"resend requested: {len(failed)} failed sends requeued")
+        out.jobs[job.id] = len(failed)
+    for job_id in job_ids or []:
+        if job_id not in found:
+            out.refused[job_id] = "no such job"
+    return out
+
+
+def resend_command(args) -> int:
+    """``dicomnode resend (--job N ... | --all-failed)``: requeue failed sends; a running node sends them."""
+    from dicomnode.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    db = AuditDB.open(args.database_url or config.storage.database_url)
+    try:
+        with db.session() as session:
+            report = requeue_failed_sends(session, None if args.all_failed else list(args.job))
+    finally:
+        db.close()
+    for job_id, n in report.jobs.items():
+        print(f"job {job_id}: {n} send(s) requeued")
+    for job_id, why in report.refused.items():
+        print(f"job {job_id}: not requeued: {why}", file=sys.stderr)
+    if not report.jobs and not report.refused:
+        print("no failed job has failed sends")
+    return 1 if report.refused else 0
 
 
 class JobWorker:

@@ -170,3 +170,44 @@ def test_recover_requeues_interrupted_jobs(db, tmp_path):
     assert events(db, job_id)[1:4] == [("paired", "processing"), ("processing", "paired"), ("paired", "processing")]
     with db.session() as s:
         assert s.get(Job, job_id).state == JobState.sending
+
+
+def test_requeue_failed_sends_only_where_it_can_deliver(db, tmp_path):
+    from dicomnode.jobs import requeue_failed_sends
+
+    kept = tmp_path / "out.dcm"
+    kept.write_bytes(b"x")
+    with db.session() as s:
+        def job(i, state, reason=None):
+            row = Job(rule="PT->CT", fixed_series_uid=f"{i}.1", moving_series_uid=f"{i}.2", study_uid="9", method="alpha",
+                      state=state, reason=reason)
+            s.add(row)
+            s.flush()
+            return row.id
+        resendable = job(1, JobState.failed, "send to pacs failed")
+        purged = job(2, JobState.failed, "send to pacs failed")
+        early = job(3, JobState.failed, "registration failed: too few overlapping voxels")
+        done = job(4, JobState.done)
+        s.add_all([
+            Send(job_id=resendable, series_uid="7.1", destination="pacs", files=[str(kept)], state=SendState.failed, attempts=5),
+            Send(job_id=resendable, series_uid="7.2", destination="pacs", files=[str(kept)], state=SendState.sent, attempts=1),
+            Send(job_id=purged, series_uid="7.3", destination="pacs", files=[str(tmp_path / "gone.dcm")], state=SendState.failed),
+            Send(job_id=done, series_uid="7.4", destination="pacs", files=[str(kept)], state=SendState.sent),
+        ])
+    with db.session() as s:
+        report = requeue_failed_sends(s, [resendable, purged, early, done, 99])
+    assert report.jobs == {resendable: 1}
+    assert set(report.refused) == {purged, early, done, 99}
+    assert "files are gone" in report.refused[purged] and "registration failed" in report.refused[early]
+    assert report.refused[99] == "no such job"
+    with db.session() as s:
+        states = {j.id: j.state for j in s.scalars(select(Job))}
+        sends = {r.series_uid: (r.state, r.attempts) for r in s.scalars(select(Send))}
+    assert states == {resendable: JobState.sending, purged: JobState.failed, early: JobState.failed, done: JobState.done}
+    assert sends["7.1"] == (SendState.pending, 0) and sends["7.2"] == (SendState.sent, 1)
+    assert sends["7.3"] == (SendState.failed, 0)
+    assert events(db, resendable)[-1] == ("failed", "sending")
+    # --all-failed: the purged job is the only failed job with failed sends left, and it stays refused.
+    with db.session() as s:
+        again = requeue_failed_sends(s)
+    assert again.jobs == {} and set(again.refused) == {purged}

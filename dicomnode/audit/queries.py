@@ -6,12 +6,13 @@ The text names series by UID and modality only; patient identifiers stay in the 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
 
 from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Association, Job, JobEvent, Metric, Rejection, Send, Series
+from dicomnode.audit.models import Association, Job, JobEvent, JobState, Metric, Rejection, Send, Series
 
 
 def _ts(value: datetime | None) -> str:
@@ -52,16 +53,58 @@ def _seconds(job: Job) -> str:
     return f"{total:.1f}" if total is not None else "-"
 
 
-def summary_text(db: AuditDB, limit: int = 20) -> str:
-    """Recent jobs (state, method, timings, metric summary), sends, rejections and series, as text."""
+@dataclass(frozen=True)
+class AuditFilter:
+    """Narrow the summary to one study, one patient and/or one job state (None = no condition)."""
+
+    study_uid: str | None = None
+    patient_id: str | None = None
+    state: JobState | None = None
+
+    @property
+    def narrows_series(self) -> bool:
+        return self.study_uid is not None or self.patient_id is not None
+
+
+def _scopes(f: AuditFilter):
+    """(series UIDs, job ids) that ``f`` allows, as subqueries; None where it allows everything."""
+    series = None
+    if f.narrows_series:
+        series = select(Series.series_uid)
+        if f.study_uid is not None:
+            series = series.where(Series.study_uid == f.study_uid)
+        if f.patient_id is not None:
+            series = series.where(Series.patient_id == f.patient_id)
+    if series is None and f.state is None:
+        return None, None
+    jobs = select(Job.id)
+    if series is not None:
+        jobs = jobs.where(Job.fixed_series_uid.in_(series) | Job.moving_series_uid.in_(series))
+    if f.state is not None:
+        jobs = jobs.where(Job.state == f.state)
+    return series, jobs
+
+
+def summary_text(db: AuditDB, limit: int = 20, where: AuditFilter = AuditFilter()) -> str:
+    """Recent jobs (state, method, timings, metric summary), sends, rejections and series, as text.
+
+    With a study or patient filter, rejections are left out: they are recorded per instance and
+    association, before any series exists to tie them to a study.
+    """
+    series_scope, job_scope = _scopes(where)
+    job_query, send_query, series_query = select(Job), select(Send), select(Series)
+    if job_scope is not None:
+        job_query, send_query = job_query.where(Job.id.in_(job_scope)), send_query.where(Send.job_id.in_(job_scope))
+    if series_scope is not None:
+        series_query = series_query.where(Series.series_uid.in_(series_scope))
     with db.session() as session:
-        jobs = session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()
+        jobs = session.scalars(job_query.order_by(Job.id.desc()).limit(limit)).all()
         metrics = _series_metrics(session, [j.id for j in jobs])
         job_rows = [
             [str(j.id), j.state.value, j.rule, j.method, _ts(j.created_at), _seconds(j), metrics.get(j.id, ""), j.reason or ""]
             for j in jobs
         ]
-        sends = session.scalars(select(Send).order_by(Send.id.desc()).limit(limit)).all()
+        sends = session.scalars(send_query.order_by(Send.id.desc()).limit(limit)).all()
         send_rows = [
             [str(s.id), str(s.job_id), s.destination, _short(s.series_uid), str(len(s.files or [])), s.state.value, str(s.attempts), s.last_status or ""]
             for s in sends
@@ -71,7 +114,7 @@ def summary_text(db: AuditDB, limit: int = 20) -> str:
             [_ts(r.at), r.calling_ae, f"0x{r.status:04X}" if r.status is not None else "-", _short(r.sop_instance_uid) or "-", r.reason]
             for r in rejections
         ]
-        series = session.scalars(select(Series).order_by(Series.id.desc()).limit(limit)).all()
+        series = session.scalars(series_query.order_by(Series.id.desc()).limit(limit)).all()
         series_rows = [
             [
                 _short(s.series_uid),
@@ -92,7 +135,8 @@ def summary_text(db: AuditDB, limit: int = 20) -> str:
     lines += _table("jobs", ["id", "state", "rule", "method", "created", "seconds", "metrics", "reason"], job_rows)
     lines += _table("sends", ["id", "job", "destination", "series", "files", "state", "attempts", "last status"], send_rows)
     lines += _table("series", ["series", "modality", "from", "received", "state", "completion", "last received"], series_rows)
-    lines += _table("rejections", ["at", "calling AE", "status", "instance", "reason"], rejection_rows)
+    if not where.narrows_series:
+        lines += _table("rejections", ["at", "calling AE", "status", "instance", "reason"], rejection_rows)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -147,7 +191,7 @@ def job_text(db: AuditDB, job_id: int) -> str:
 
 
 def audit_command(args) -> int:
-    """``dicomnode audit [--config F] [--database-url U] [--limit N] [--job N]``."""
+    """``dicomnode audit [--config F] [--database-url U] [--limit N] [--job N | --study UID --patient ID --state S]``."""
     from dicomnode.config import ConfigError, load_config
 
     try:
@@ -155,13 +199,18 @@ def audit_command(args) -> int:
     except ConfigError as exc:
         print(exc)
         return 2
+    state = getattr(args, "state", None)
+    if state is not None and state not in JobState.__members__:
+        print(f"unknown job state {state!r}; one of: {', '.join(JobState.__members__)}")
+        return 2
+    where = AuditFilter(getattr(args, "study", None), getattr(args, "patient", None), state and JobState(state))
     url = getattr(args, "database_url", None) or config.storage.database_url
     db = AuditDB.open(url)
     try:
         if getattr(args, "job", None) is not None:
             print(job_text(db, args.job), end="")
         else:
-            print(summary_text(db, limit=getattr(args, "limit", 20)), end="")
+            print(summary_text(db, limit=getattr(args, "limit", 20), where=where), end="")
     finally:
         db.close()
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Metric, Rejection, Send, SendState, Series
-from dicomnode.audit.queries import audit_command, job_text, summary_text
+from dicomnode.audit.queries import AuditFilter, audit_command, job_text, summary_text
 
 
 def _fill(db: AuditDB) -> int:
@@ -42,9 +42,42 @@ def test_summary_and_job_text(tmp_path, capsys):
     assert "processing" in detail and "fusion_s=3.0" in detail
     assert "1.5" in detail  # mean of the per-slice MI values
     db.close()
-    args = argparse.Namespace(config=None, database_url=url, limit=5, job=None)
+    args = argparse.Namespace(config=None, database_url=url, limit=5, job=None, study=None, patient=None, state=None)
     assert audit_command(args) == 0
     assert "PT->CT" in capsys.readouterr().out
     args.job = job_id
     assert audit_command(args) == 0
     assert "events" in capsys.readouterr().out
+
+
+def test_summary_filters_by_study_patient_and_state(db, capsys):
+    with db.session() as s:
+        for uid, study, patient in (("1.1", "9.1", "P1"), ("1.2", "9.1", "P1"), ("2.1", "9.2", "P2"), ("2.2", "9.2", "P2")):
+            s.add(Series(series_uid=uid, study_uid=study, modality="CT" if uid.endswith(".1") else "PT", patient_id=patient))
+        done = Job(rule="PT->CT", fixed_series_uid="1.1", moving_series_uid="1.2", study_uid="9.1", method="alpha",
+                   state=JobState.done)
+        failed = Job(rule="PT->CT", fixed_series_uid="2.1", moving_series_uid="2.2", study_uid="9.2", method="network",
+                     state=JobState.failed, reason="registration failed")
+        s.add_all([done, failed])
+        s.flush()
+        s.add_all([Send(job_id=done.id, series_uid="7.1", destination="pacs", state=SendState.sent),
+                   Send(job_id=failed.id, series_uid="7.2", destination="archive", state=SendState.failed)])
+        s.add(Rejection(calling_ae="BAD", status=0xA900, reason="no pixel data"))
+
+    def jobs_and_sends(text: str) -> tuple[str, str]:
+        return text.split("jobs (")[1][0], text.split("sends (")[1][0]
+
+    everything = summary_text(db)
+    assert jobs_and_sends(everything) == ("2", "2") and "no pixel data" in everything
+    by_study = summary_text(db, where=AuditFilter(study_uid="9.2"))
+    assert jobs_and_sends(by_study) == ("1", "1") and "registration failed" in by_study and "archive" in by_study
+    assert "series (2)" in by_study and "rejections" not in by_study
+    by_patient = summary_text(db, where=AuditFilter(patient_id="P1"))
+    assert jobs_and_sends(by_patient) == ("1", "1") and "alpha" in by_patient and "network" not in by_patient
+    by_state = summary_text(db, where=AuditFilter(state=JobState.failed))
+    assert jobs_and_sends(by_state) == ("1", "1") and "series (4)" in by_state and "no pixel data" in by_state
+    assert "jobs (0)" in summary_text(db, where=AuditFilter(patient_id="P1", state=JobState.failed))
+
+    args = argparse.Namespace(config=None, database_url=None, limit=5, job=None, study=None, patient=None, state="lost")
+    assert audit_command(args) == 2
+    assert "unknown job state 'lost'" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from tests.conftest import free_port, require_tool
 from tests.e2e.dcmtk_peers import StoreSCPPeer, storescu
 from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Association, Instance, Job, Send, SendState, Series
+from dicomnode.audit.models import Association, Instance, Job, JobEvent, JobState, Send, SendState, Series
 from dicomnode.config import Destination, load_config
 from dicomnode.net.scp import StoreSCP
 from dicomnode.net.scu import SendQueue, send_files
@@ -95,4 +95,48 @@ def test_send_queue_retries_until_storescp_starts_and_never_sends_twice(tmp_path
     with db.session() as s:
         row = s.scalars(select(Send)).one()
         assert (row.state, row.attempts) == (SendState.sent, 2)
+    db.close()
+
+
+def test_resend_after_the_sends_gave_up(tmp_path, sts_dir, capsys):
+    from dicomnode.cli import main
+    from dicomnode.jobs import settle_sending_jobs
+    from tests.e2e.dcmtk_peers import ReservedPort
+
+    tool = require_tool("storescp")
+    down = ReservedPort()  # the PACS is down: connections are refused
+    config = load_config(None, {
+        "destinations": [{"name": "pacs", "ae_title": "PEER", "host": "127.0.0.1", "port": down.port}],
+        "sending": {"max_attempts": 1},
+    })
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    db = AuditDB.open(url)
+    with db.session() as s:
+        job = Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", study_uid="3", method="alpha",
+                  state=JobState.sending)
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    files = sorted((sts_dir / "PET" / "dicom" / "image").glob("*.dcm"))[:3]
+    queue = SendQueue(db, config)
+    queue.enqueue(job_id, "1.2.3", "pacs", files)
+    assert queue.run_due() == [job_id]
+    with db.session() as s:
+        assert settle_sending_jobs(s) == [(job_id, JobState.failed)]
+
+    assert main(["resend", "--database-url", url, "--job", str(job_id)]) == 0
+    assert f"job {job_id}: 1 send(s) requeued" in capsys.readouterr().out
+    with StoreSCPPeer(tool, tmp_path / "peer", port=down.release()) as peer:
+        assert queue.run_due() == [job_id]
+        received = peer.received_uids()
+    with db.session() as s:
+        assert settle_sending_jobs(s) == [(job_id, JobState.done)]
+        row = s.scalars(select(Send)).one()
+        assert (row.state, row.attempts) == (SendState.sent, 1) and "requeued" not in row.last_status
+        steps = [e.to_state for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
+    assert sorted(received) == sorted(dcmread(p).SOPInstanceUID for p in files)
+    assert steps == ["failed", "sending", "done"]
+    # Nothing left to resend: a second request is refused with the reason, and nothing is sent twice.
+    assert main(["resend", "--database-url", url, "--job", str(job_id)]) == 1
+    assert "state done, no failed send" in capsys.readouterr().err
     db.close()
