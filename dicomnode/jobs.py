@@ -64,6 +64,8 @@ def transition(session: Session, job: Job, to: JobState, detail: str | None = No
     job.updated_at = now
     if to is JobState.failed:
         job.reason = detail
+    elif current is JobState.failed:
+        job.reason = None  # the failure is history now; its event keeps the reason
     session.add(job)
     session.flush()
     session.add(JobEvent(job_id=job.id, at=now, from_state=current and current.value, to_state=to.value, detail=detail))

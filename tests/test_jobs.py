@@ -204,6 +204,8 @@ def test_requeue_failed_sends_only_where_it_can_deliver(db, tmp_path):
         states = {j.id: j.state for j in s.scalars(select(Job))}
         sends = {r.series_uid: (r.state, r.attempts) for r in s.scalars(select(Send))}
     assert states == {resendable: JobState.sending, purged: JobState.failed, early: JobState.failed, done: JobState.done}
+    with db.session() as s:
+        assert s.get(Job, resendable).reason is None and s.get(Job, early).reason.startswith("registration failed")
     assert sends["7.1"] == (SendState.pending, 0) and sends["7.2"] == (SendState.sent, 1)
     assert sends["7.3"] == (SendState.failed, 0)
     assert events(db, resendable)[-1] == ("failed", "sending")
