@@ -141,13 +141,27 @@ def _modality(vol: Volume) -> str:
 
 
 def _prepare(vol: Volume, config: RegistrationConfig) -> sitk.Image:
-    """Float32 image with intensities clamped for mutual information (CT: soft-tissue window)."""
+    """Float32 image with intensities clamped for mutual information (CT: adaptive soft-tissue window)."""
     img = sitk.Cast(vol.image, sitk.sitkFloat32)
     sample = sitk.GetArrayViewFromImage(img)[::2, ::2, ::2]
     lo, hi = np.percentile(sample, [0.5, 99.5])
     if _modality(vol) == "CT":
-        lo, hi = config.ct_window_hu
+        lo, hi = _ct_window(sample, config)
     return sitk.Clamp(img, sitk.sitkFloat32, float(lo), float(max(hi, lo + 1e-3)))
+
+
+def _ct_window(sample: np.ndarray, config: RegistrationConfig) -> tuple[float, float]:
+    """HU window: percentiles of the voxels inside ``ct_window_hu``, so the histogram bins span the tissue.
+
+    A head's soft tissue spans ~100 HU, a limb's or trunk's (fat to muscle) ~300 HU: with one fixed
+    window the brain's grey and white matter share one or two bins and MI prefers wrong warps.
+    """
+    lo, hi = config.ct_window_hu
+    soft = sample[(sample > lo) & (sample < hi)]
+    if soft.size < 1000:
+        return lo, hi
+    p_lo, p_hi = np.percentile(soft, config.ct_window_percentiles)
+    return float(p_lo), float(max(p_hi, p_lo + 20.0))
 
 
 def _level_image(img: sitk.Image, mm: float) -> sitk.Image:
@@ -273,6 +287,8 @@ class _Engine:
                 r.SetMovingInitialTransform(linear)
             r.SetInitialTransform(tx, inPlace=True)
             r.Execute(lv.fixed, lv.moving)
+            log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm,
+                      r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip())
             iterations += r.GetOptimizerIteration()
         return iterations
 
@@ -299,6 +315,11 @@ class _Engine:
                 result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
                                                  f"not run for a {self.moving_modality} moving series "
                                                  "(registration.deformable_modalities)"))
+                continue
+            if stage == "deformable" and min(self._stage_levels(stage)) > self.cfg.deformable_max_level_mm:
+                result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
+                                                 f"not run: finest level {min(self._stage_levels(stage)):g} mm is "
+                                                 "coarser than registration.deformable_max_level_mm"))
                 continue
             if stage == "rigid":
                 candidate = sitk.Euler3DTransform(linear if isinstance(linear, sitk.Euler3DTransform) else init_tx)

@@ -14,7 +14,7 @@ from dicomnode.imaging.volume import Volume
 from dicomnode.testing.deform import best_affine_fit, make_case, mni_sources, phantom_sources, score
 
 FAST = dict(mode="always", samples_per_level=8000, deformable_samples_per_level=6000, heldout_samples=15000,
-            deformable_iterations=10, deformable_modalities=("PT", "CT"))
+            deformable_iterations=10, deformable_modalities=("PT", "CT"), deformable_max_level_mm=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,25 @@ def test_deformable_runs_only_for_configured_modalities(phantom):
     assert rigid.kept and not deformable.kept and deformable.iterations == 0
     assert "deformable_modalities" in deformable.note and result.displacement_mm is None
     assert score(case, result.transform).mean_mm < score(case, sitk.Transform(3, sitk.sitkIdentity)).mean_mm
-    assert RegistrationConfig().deformable_modalities == ()
+    assert RegistrationConfig().deformable_modalities == ("CT",)
+
+
+def test_ct_window_follows_the_soft_tissue_range():
+    from dicomnode.imaging.register import _ct_window
+
+    rng = np.random.default_rng(0)
+    air, bone = np.full(20000, -1000.0), np.full(5000, 1200.0)
+    head = np.concatenate([air, bone, rng.normal(35, 8, 20000)])  # brain: ~100 HU of soft tissue
+    limb = np.concatenate([air, bone, rng.normal(-100, 15, 10000), rng.normal(50, 10, 10000)])  # fat + muscle
+    cfg = RegistrationConfig()
+    h_lo, h_hi = _ct_window(head, cfg)
+    l_lo, l_hi = _ct_window(limb, cfg)
+    assert 0 < h_hi - h_lo < 60 and h_lo < 35 < h_hi  # brain spread over the bins, not 1-2 of them
+    assert l_lo < -100 and l_hi > 50  # fat and muscle both inside
+    assert _ct_window(head, RegistrationConfig(ct_window_percentiles=(0.0, 100.0))) == pytest.approx(
+        (head[(head > -160) & (head < 240)].min(), head[(head > -160) & (head < 240)].max()))
+    with pytest.raises(ValueError):
+        RegistrationConfig(ct_window_percentiles=(98.0, 2.0))
 
 
 @pytest.mark.xfail(strict=True, reason="known limitation: MI drifts ~6 mm from the scanner alignment of the real "
@@ -177,3 +195,12 @@ def test_skipped_registration_only_refuses_what_cannot_be_fused(tmp_path):
     flat = _vol(_box(size=(32, 32, 1)), mr.frame_of_reference_uid)
     with pytest.raises(RegistrationFailed, match="1 slice"):
         register_volumes(mr, flat, RegistrationConfig(mode="never"))
+
+
+def test_deformable_skipped_on_coarse_images(phantom):
+    case = make_case(phantom, "CT", fixed_size=(48, 56, 40), seed=5)  # ~3.5 mm voxels
+    cfg = RegistrationConfig(**{**FAST, "deformable_max_level_mm": 2.0}, stages=("rigid", "deformable"))
+    result = register_volumes(case.fixed, case.moving, cfg)
+    rigid, deformable = result.stages
+    assert rigid.kept and not deformable.kept and deformable.iterations == 0
+    assert "deformable_max_level_mm" in deformable.note and result.displacement_mm is None
