@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/fusion_quality.py [--weights models/fusion_net.pt] [--stride 1] [--card]
 Scores Qabf, VIF, MI, SSIM, FMI_pixel on luminance (dicomnode.quality.metrics conventions) for
-every validation pair (every ``stride``-th with --stride), prints a markdown table per task, and
-with --card rewrites the model card beside the weights with the table.
+every validation pair (every ``stride``-th with --stride), prints a markdown table per task and the
+share of the functional image's excess each method keeps, and with --card rewrites the model card
+beside the weights with the table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dicomnode.fusion.datasets import load_training_data, split_by_case
-from dicomnode.fusion.evaluate import evaluate_methods, markdown_table, wins, write_model_card
+from dicomnode.fusion.evaluate import evaluate_methods, excess_kept_table, markdown_table, wins, write_model_card
 from dicomnode.fusion.network import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,10 @@ def main() -> None:
     print(markdown_table(table))
     for task, rows in sorted(table.items()):
         print(f"{task}: network best on {len(wins(rows))}/5 ({', '.join(wins(rows))})")
+    kept = excess_kept_table(val, model)
+    print("\nShare of the moving image's excess over the fixed one kept where B > A + 0.1 (1 = all):")
+    for task, rows in sorted(kept.items()):
+        print(f"{task}: " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
     if args.card:

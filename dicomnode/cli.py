@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     p.add_argument("--no-eval", action="store_true", help="skip the metric table of the model card")
     p.add_argument("--init", type=Path, default=None, help="fine-tune from these weights")
-    p.add_argument("--loss-weights", default=None, help="SSIM,GRADIENT,INTENSITY[,SELECTION] loss weights (default 1,20,4,0)")
+    p.add_argument("--loss-weights", default=None,
+                   help="SSIM,GRADIENT,INTENSITY[,SELECTION[,RULE]] loss weights (default 1,20,4,0,0; RULE > 0: selection head)")
     p.add_argument("--minutes", type=float, default=None, help="train for this wall time (cosine schedule over it)")
 
     p = sub.add_parser("metrics", help="fusion metrics of sources A, B and fused F")

@@ -48,6 +48,37 @@ def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods
     }
 
 
+def excess_kept(a: np.ndarray, b: np.ndarray, fused: np.ndarray, margin: float = 0.1) -> float:
+    """Share of the moving image's excess over the fixed one that F shows, where B > A + margin.
+
+    1 = all of the brighter functional signal (uptake) kept, 0 = F shows only the fixed image.
+    Qabf, VIF and FMI_pixel can rise by dropping it (copying the MRI alone beats most baselines on
+    them for PET/SPECT-MRI), so this is reported beside them. NaN where no pixel qualifies.
+    """
+    mask = (b - a) > margin
+    if not mask.any():
+        return float("nan")
+    return float(np.clip((fused - a)[mask] / (b - a)[mask], 0, 1).mean())
+
+
+def excess_kept_table(samples: list[PairSample], model: FusionNet | None,
+                      methods: tuple[str, ...] = BASELINES) -> dict[str, dict[str, float]]:
+    """{task: {method: mean excess_kept over the task's pairs}} (pairs without any excess skipped)."""
+    runners = {name: get_method(name) for name in methods}
+    if model is not None:
+        runners[NETWORK] = network_method(model.eval(), saliency=False)
+    rows: dict[str, dict[str, list[float]]] = {}
+    for sample in samples:
+        a = torch.from_numpy(sample.fixed)[None, None]
+        b = torch.from_numpy(sample.moving)[None, None]
+        for name, run in runners.items():
+            with torch.no_grad():
+                fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
+            rows.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
+    return {task: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in by.items()}
+            for task, by in rows.items()}
+
+
 def wins(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[str]:
     """Metrics on which ``candidate`` beats every other method of one task's table."""
     if candidate not in table:
@@ -84,19 +115,44 @@ def write_model_card(path: Path, summary: dict, table: dict | None) -> None:
             + ("met" if met else "**not met**") + " - "
             + ", ".join(f"{task} {n}/5" for task, n in counts.items()) + ".\n"
         )
+    rule = settings["loss"].get("rule", 0.0)
+    if rule:
+        model_text = f"""Multi-scale attention selection CNN (`dicomnode/fusion/network.py`, architecture tag
+`attention-selection-v2`), {summary['parameters']:,} parameters: a shared encoder (image + Sobel edge
+prior) at 1/2, 1/4 and 1/8 scale with channel and spatial attention, cross-modal attention gates
+per scale, a decoder, and a full-resolution edge-aware refinement. It predicts a per-pixel
+selection map `w` (1 = take the moving image) and fuses `F = (1 - w) A + w B` with `w` rounded to
+0 or 1 at inference, so every fused pixel is an exact copy of one source; `w` is the contribution
+map. Colour functional images are fused on BT.601 luminance (Y), their chroma kept."""
+        others = ", ".join(f"{settings['loss'][k]} x {k}" for k in ("ssim", "gradient", "intensity", "selection")
+                           if settings["loss"].get(k))
+        loss_text = f"""Supervised by a fixed rule (`losses.guarded_selection`): loss = {rule} x binary cross-entropy of the
+selection logit to the rule's map{' + ' + others + ' (unsupervised terms)' if others else ''}. The rule picks regions of the source with more local activity
+(Gaussian-weighted Sobel, sigma 5 px, plus a vote for the brighter source; majority filter sigma 5 px)
+and always keeps the moving image where it is brighter than the fixed one by more than 0.1 (smoothed),
+so functional uptake is not traded for anatomy. Inputs are never swapped (the rule is asymmetric).
+"""
+    else:
+        model_text = f"""Multi-scale attention fusion CNN (`dicomnode/fusion/network.py`, architecture tag
+`attention-fusion-v1`), {summary['parameters']:,} parameters: a shared encoder (image + Sobel edge
+prior) at 1/2, 1/4 and 1/8 scale with channel and spatial attention, cross-modal attention gates
+per scale, a decoder, and a full-resolution edge-aware refinement. It predicts a per-pixel
+weight map `w` (the moving image's share) and a small detail residual `d`:
+`F = (1 - w) A + w B + d`. Colour functional images are fused on BT.601 luminance (Y), their
+chroma kept."""
+        loss_text = f"""Unsupervised; loss = {settings['loss']['ssim']} x (1 - mean(SSIM(F,A), SSIM(F,B)))
++ {settings['loss']['gradient']} x L1(|Sobel F|, max(|Sobel A|, |Sobel B|))
++ {settings['loss']['intensity']} x L1(F, max(A, B)).
+"""
+    if settings.get("init"):
+        loss_text += f"Started from the weights `{Path(str(settings['init'])).name}` of the previous run (same layers).\n"
     text = f"""# Model card: attention fusion network (`fusion_net.pt`)
 
 **Not for primary diagnosis.** The fused images are a reading aid next to the source series,
 which remain the reference.
 
 ## Model
-Multi-scale attention fusion CNN (`dicomnode/fusion/network.py`, architecture tag
-`attention-fusion-v1`), {summary['parameters']:,} parameters: a shared encoder (image + Sobel edge
-prior) at 1/2, 1/4 and 1/8 scale with channel and spatial attention, cross-modal attention gates
-per scale, a decoder, and a full-resolution edge-aware refinement. It predicts a per-pixel
-weight map `w` (the moving image's share) and a small detail residual `d`:
-`F = (1 - w) A + w B + d`. Colour functional images are fused on BT.601 luminance (Y), their
-chroma kept.
+{model_text}
 
 ## Data
 AANLIB (Harvard Whole Brain Atlas) registered 2-D pairs, 256 x 256 (`../shared/data/aanlib`),
@@ -108,12 +164,10 @@ co-registered soft-tissue-sarcoma patient (STS_002; PET as SUV 0-10, hot colour 
   held out of both.
 
 ## Training
-Unsupervised; loss = {settings['loss']['ssim']} x (1 - mean(SSIM(F,A), SSIM(F,B)))
-+ {settings['loss']['gradient']} x L1(|Sobel F|, max(|Sobel A|, |Sobel B|))
-+ {settings['loss']['intensity']} x L1(F, max(A, B)).
+{loss_text}
 Random {settings['crop']} x {settings['crop']} crops, batch {settings['batch']}, flips and 90-degree turns,
-fixed/moving swapped at random; AdamW (lr {settings['lr']}, weight decay {settings['weight_decay']}),
-100-step warm-up then cosine decay, {settings['steps']} steps, gradient clipping 1.0, seed {settings['seed']}.
+{'fixed/moving in order' if rule else 'fixed/moving swapped at random'}; AdamW (lr {settings['lr']}, weight decay {settings['weight_decay']}),
+100-step warm-up then cosine decay, {summary['steps_done']} steps, gradient clipping 1.0, seed {settings['seed']}.
 The state with the lowest validation loss (step {summary['best_step']}) is kept.
 Trained on {summary['device']} in {summary['train_seconds']} s ({settings['threads']} torch thread(s); the 2-core
 machine was shared with other work).

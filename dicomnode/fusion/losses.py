@@ -20,6 +20,7 @@ class LossWeights:
     gradient: float = 20.0
     intensity: float = 4.0
     selection: float = 0.0  # L1 to the local-activity selection target (activity_selection)
+    rule: float = 0.0  # BCE of the selection head's logit to the guarded_selection map
 
 
 def _gaussian_1d(device: torch.device, dtype: torch.dtype, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -55,6 +56,22 @@ def activity_selection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + w * (b - a)
 
 
+def guarded_selection(a: torch.Tensor, b: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """A binary selection map (1 = take B), the selection head's training target.
+
+    Regions, not pixels: per pixel the source with more local activity (Gaussian-weighted Sobel,
+    sigma 5 px) plus a vote for the brighter one, then a majority filter (sigma 5 px), so F copies
+    whole neighbourhoods of one source (what FMI_pixel, VIF and Qabf reward). Guard: wherever B is
+    brighter than A by more than ``margin`` (smoothed, sigma 2 px) B is kept, so uptake of the
+    functional image is not dropped for busier anatomy (the metrics alone would drop it).
+    """
+    activity = gaussian_blur(sobel_magnitude(b), 5.0) - gaussian_blur(sobel_magnitude(a), 5.0)
+    pick_b = (activity / 0.003 + (b - a) / 0.03 > 0).to(a.dtype)
+    regions = (gaussian_blur(pick_b, 5.0) > 0.5).to(a.dtype)
+    guard = (gaussian_blur((gaussian_blur(b - a, 2.0) > margin).to(a.dtype), 2.0) > 0.5).to(a.dtype)
+    return torch.maximum(regions, guard)
+
+
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM (Wang 2004, 11x11 Gaussian sigma 1.5, K1 0.01, K2 0.03, data range 1), valid region."""
     g = _gaussian_1d(x.device, x.dtype)
@@ -66,8 +83,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
 
 
-def fusion_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """The weighted total and its terms (each a scalar tensor)."""
+def fusion_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: LossWeights,
+                logit: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted total and its terms (each a scalar tensor); ``logit``: the selection head's, for ``rule``."""
     l_ssim = 1 - 0.5 * (ssim_map(fused, a).mean() + ssim_map(fused, b).mean())
     ga, gb, gf = sobel_magnitude(a), sobel_magnitude(b), sobel_magnitude(fused)
     l_grad = F.l1_loss(gf, torch.maximum(ga, gb))
@@ -79,4 +97,9 @@ def fusion_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: 
             target = activity_selection(a, b)
         terms["selection"] = F.l1_loss(fused, target)
         total = total + weights.selection * terms["selection"]
+    if weights.rule and logit is not None:
+        with torch.no_grad():
+            target = guarded_selection(a, b)
+        terms["rule"] = F.binary_cross_entropy_with_logits(logit, target)
+        total = total + weights.rule * terms["rule"]
     return {"total": total, **terms}

@@ -5,6 +5,8 @@ attention, edge-aware decoder) and ECFusion (Sobel edge prior). The network pred
 pixel, a weight map ``w`` (the moving image's share) and a small detail residual ``d``:
 ``F = (1 - w) A + w B + d``. Predicting weights keeps source intensities (what MI and SSIM
 reward) while the residual can restore edges that a convex blend softens (what Qabf rewards).
+The selection head (``select=True``, tag ``attention-selection-v2``, the shipped weights) uses the
+same layers without the residual and rounds ``w`` at inference, so each fused pixel copies a source.
 
 Inputs are grey luminance slices (N, 1, H, W) in [0, 1]; any H, W (padded to a multiple of 8).
 """
@@ -20,17 +22,20 @@ from torch import nn
 
 from dicomnode.fusion.classical import sobel_magnitude
 
-ARCHITECTURE = "attention-fusion-v1"
+ARCHITECTURE = "attention-fusion-v1"  # blend head: F = (1 - w) A + w B + d
+SELECTION_ARCHITECTURE = "attention-selection-v2"  # same layers, selection head: F = A or B per pixel
 
 
 @dataclass(frozen=True)
 class NetOutput:
-    """fused (N,1,H,W) in [0,1]; weight (N,1,H,W) share of B; bottleneck features for Grad-CAM."""
+    """fused (N,1,H,W) in [0,1]; weight (N,1,H,W) share of B; bottleneck features for Grad-CAM;
+    logit: the weight before its sigmoid (the selection head's training target is set on it)."""
 
     fused: torch.Tensor
     weight: torch.Tensor
     detail: torch.Tensor
     features: torch.Tensor
+    logit: torch.Tensor | None = None
 
 
 def _conv(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
@@ -95,10 +100,13 @@ class FusionNet(nn.Module):
     both sources, their Sobel edges and the upsampled coarse decision, so edges stay sharp.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 32), refine: int = 8):
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 32), refine: int = 8, select: bool = False):
         super().__init__()
         self.widths = tuple(widths)
         self.refine_width = refine
+        # Selection head: no residual; in eval mode w is rounded, so F copies A or B exactly per pixel
+        # (source intensities and local structure survive 8-bit storage unchanged).
+        self.select = select
         c1, c2, c3 = widths
         self.encoder = Encoder(self.widths)
         self.cross = nn.ModuleList([CrossModalAttention(c) for c in widths])
@@ -125,11 +133,20 @@ class FusionNet(nn.Module):
         x = self.up1(torch.cat([F.interpolate(x, size=f1.shape[-2:], mode="bilinear", align_corners=False), f1], 1))
         coarse = F.interpolate(self.coarse_head(x), size=a.shape[-2:], mode="bilinear", align_corners=False)
         out = self.refine(torch.cat([coarse, a, b, ea, eb], dim=1))
-        weight = torch.sigmoid(out[:, :1] + coarse[:, :1])
-        detail = 0.25 * torch.tanh(out[:, 1:] + coarse[:, 1:2])
-        fused = ((1 - weight) * a + weight * b + detail).clamp(0, 1)
+        logit = out[:, :1] + coarse[:, :1]
+        weight = torch.sigmoid(logit)
+        if self.select:
+            if not self.training:
+                hard = (logit > 0).to(weight.dtype)
+                # Straight-through when a gradient is wanted (Grad-CAM): the value is the hard choice.
+                weight = hard + (weight - weight.detach()) if torch.is_grad_enabled() else hard
+            detail = torch.zeros_like(weight)
+            fused = (1 - weight) * a + weight * b
+        else:
+            detail = 0.25 * torch.tanh(out[:, 1:] + coarse[:, 1:2])
+            fused = ((1 - weight) * a + weight * b + detail).clamp(0, 1)
         return NetOutput(fused[..., :h, :w].contiguous(), weight[..., :h, :w].contiguous(),
-                         detail[..., :h, :w].contiguous(), bottleneck)
+                         detail[..., :h, :w].contiguous(), bottleneck, logit[..., :h, :w].contiguous())
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -144,7 +161,7 @@ def save_weights(model: FusionNet, path: Path, meta: dict | None = None) -> None
     """Write a plain dict (architecture tag, widths, tensors, metadata) loadable with weights_only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "architecture": ARCHITECTURE,
+        "architecture": SELECTION_ARCHITECTURE if model.select else ARCHITECTURE,
         "widths": list(model.widths),
         "refine": model.refine_width,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -163,13 +180,15 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> FusionNet:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same admin problem
         raise WeightsError(f"fusion network weights at {path} are unreadable: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("architecture") != ARCHITECTURE:
+    known = (ARCHITECTURE, SELECTION_ARCHITECTURE)
+    if not isinstance(payload, dict) or payload.get("architecture") not in known:
         found = payload.get("architecture") if isinstance(payload, dict) else type(payload).__name__
-        raise WeightsError(f"weights at {path} are for architecture {found!r}, this node runs {ARCHITECTURE!r}")
+        raise WeightsError(f"weights at {path} are for architecture {found!r}, this node runs {' or '.join(map(repr, known))}")
+    tag = payload["architecture"]
     try:
-        model = FusionNet(tuple(payload["widths"]), int(payload["refine"]))
+        model = FusionNet(tuple(payload["widths"]), int(payload["refine"]), select=tag == SELECTION_ARCHITECTURE)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise WeightsError(f"weights at {path} do not match the {ARCHITECTURE} network: {exc}") from exc
+        raise WeightsError(f"weights at {path} do not match the {tag} network: {exc}") from exc
     # channels_last: the small-channel convolutions run ~1.3x faster on CPU (oneDNN) in this layout.
     return model.to(device, memory_format=torch.channels_last).eval()

@@ -2,6 +2,8 @@
 
 Random crops of the training pairs (flips, 90-degree turns, fixed/moving swapped at random so
 the network does not learn which input is which; ``crop`` 256 trains on whole AANLIB slices).
+A ``rule`` loss weight trains the selection head (``FusionNet(select=True)``) on the guarded
+selection map instead; that map treats the moving image differently, so inputs are not swapped.
 AdamW with cosine decay over the steps, or over a wall-clock budget (``time_budget_s``: on a
 shared CPU the step rate is unknown in advance); validation on the held-out cases every few
 hundred steps; the best validation state is written with a model card.
@@ -47,7 +49,8 @@ class TrainSettings:
     loss: LossWeights = field(default_factory=LossWeights)
 
 
-def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random.Generator,
+                swap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     a_list, b_list = [], []
     for idx in rng.integers(0, len(samples), count):
         s = samples[idx]
@@ -63,7 +66,7 @@ def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random
         a, b = np.rot90(a, k), np.rot90(b, k)
         if rng.random() < 0.5:
             a, b = a[:, ::-1], b[:, ::-1]
-        if rng.random() < 0.5:
+        if swap and rng.random() < 0.5:
             a, b = b, a
         a_list.append(np.ascontiguousarray(a))
         b_list.append(np.ascontiguousarray(b))
@@ -82,7 +85,8 @@ def validation_loss(model: FusionNet, samples: list[PairSample], weights: LossWe
             chunk = group[i : i + 16]
             a = torch.from_numpy(np.stack([s.fixed for s in chunk]))[:, None].to(device)
             b = torch.from_numpy(np.stack([s.moving for s in chunk]))[:, None].to(device)
-            total += float(fusion_loss(model(a, b).fused, a, b, weights)["total"]) * len(chunk)
+            out = model(a, b)
+            total += float(fusion_loss(out.fused, a, b, weights, out.logit)["total"]) * len(chunk)
             count += len(chunk)
     model.train()
     return total / max(count, 1)
@@ -97,7 +101,13 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         raise ValueError("no training pairs found (check --data folders)")
     flat = [s for s in train_set if not s.task.endswith("-3D")]
     volume = [s for s in train_set if s.task.endswith("-3D")]
-    model = (load_model(settings.init) if settings.init else FusionNet()).to(device).train()
+    select = settings.loss.rule > 0
+    model = FusionNet(select=select)
+    if settings.init:
+        start_from = load_model(settings.init)
+        model = FusionNet(start_from.widths, start_from.refine_width, select=select)
+        model.load_state_dict(start_from.state_dict())  # same layers for both heads
+    model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     budget = settings.time_budget_s
     log.info("event=train_start params=%d train_pairs=%d val_pairs=%d volume_slices=%d steps=%d device=%s",
@@ -114,12 +124,13 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         last = step == settings.steps or (budget is not None and progress >= 1.0)
         for group in opt.param_groups:
             group["lr"] = settings.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * progress))
-        a, b = _crop_batch(flat or volume, settings.batch - n_volume, settings.crop, rng)
+        a, b = _crop_batch(flat or volume, settings.batch - n_volume, settings.crop, rng, swap=not select)
         if n_volume:
-            va, vb = _crop_batch(volume, n_volume, settings.crop, rng)
+            va, vb = _crop_batch(volume, n_volume, settings.crop, rng, swap=not select)
             a, b = torch.cat([a, va]), torch.cat([b, vb])
         a, b = a.to(device), b.to(device)
-        terms = fusion_loss(model(a, b).fused, a, b, settings.loss)
+        out = model(a, b)
+        terms = fusion_loss(out.fused, a, b, settings.loss, out.logit)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,9 +141,10 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
             if val < best[0]:
                 best = (val, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
             values = {k: float(v.detach()) for k, v in terms.items()}
-            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f selection=%.4f val=%.4f "
-                     "best_step=%d elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"],
-                     values["intensity"], values.get("selection", 0.0), val, best[2], time.perf_counter() - start)
+            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f selection=%.4f rule=%.4f "
+                     "val=%.4f best_step=%d elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"],
+                     values["intensity"], values.get("selection", 0.0), values.get("rule", 0.0), val, best[2],
+                     time.perf_counter() - start)
         if last:
             break
     if best[1] is not None:
@@ -168,8 +180,8 @@ def train_command(args: argparse.Namespace) -> int:
         settings.steps = 10**9 if args.steps is None else settings.steps
     if getattr(args, "loss_weights", None):
         values = [float(v) for v in args.loss_weights.split(",")]
-        if len(values) not in (3, 4):
-            raise ValueError("--loss-weights takes SSIM,GRADIENT,INTENSITY[,SELECTION]")
+        if len(values) not in (3, 4, 5):
+            raise ValueError("--loss-weights takes SSIM,GRADIENT,INTENSITY[,SELECTION[,RULE]] (RULE > 0: selection head)")
         settings.loss = LossWeights(*values)
     torch.set_num_threads(settings.threads)
     shared = REPO_ROOT.parent / "shared" / "data"

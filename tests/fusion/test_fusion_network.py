@@ -107,3 +107,34 @@ def test_network_batch_size_invariance(grey_batch):
     assert torch.allclose(one.fused, many.fused, atol=1e-5)
     assert torch.allclose(one.saliency, many.saliency, atol=1e-4)
     assert np.isfinite(one.contribution.numpy()).all()
+
+
+def test_selection_head_copies_one_source_per_pixel_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = FusionNet(select=True).eval()
+    a, b = torch.rand(2, 1, 40, 48), torch.rand(2, 1, 40, 48)
+    with torch.no_grad():
+        out = model(a, b)
+    assert set(torch.unique(out.weight).tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.fused, torch.where(out.weight > 0.5, b, a))
+    assert torch.all(out.detail == 0)
+    path = tmp_path / "select.pt"
+    save_weights(model, path)
+    assert torch.load(path, weights_only=True)["architecture"] == "attention-selection-v2"
+    loaded = load_model(path)
+    assert loaded.select
+    with torch.no_grad():
+        assert torch.equal(loaded(a, b).fused, out.fused)
+    save_weights(FusionNet(), path)  # the blend head keeps its own tag and output
+    assert torch.load(path, weights_only=True)["architecture"] == "attention-fusion-v1" and not load_model(path).select
+
+
+def test_selection_head_keeps_a_saliency_gradient():
+    from dicomnode.fusion.explain import network_method
+
+    torch.manual_seed(0)
+    run = network_method(FusionNet(select=True).eval(), saliency=True)
+    fused, contribution, cam = run(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+    # The hard choice has no gradient; the straight-through soft weight gives Grad-CAM one.
+    assert float(cam.max()) == pytest.approx(1.0)
+    assert set(torch.unique(contribution).tolist()) <= {0.0, 1.0}

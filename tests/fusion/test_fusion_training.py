@@ -96,3 +96,19 @@ def test_train_command_stops_at_its_time_budget(aanlib_dir, tmp_path):
     meta = torch.load(tmp_path / "models" / "fusion_net.pt", weights_only=True)["meta"]
     assert 1 <= meta["steps_done"] < 10**6
     assert meta["settings"]["time_budget_s"] == pytest.approx(0.6) and meta["settings"]["loss"]["selection"] == 5.0
+
+
+def test_guarded_selection_prefers_busier_regions_but_keeps_brighter_uptake():
+    from dicomnode.fusion.losses import LossWeights, fusion_loss, guarded_selection
+
+    a = torch.zeros(1, 1, 96, 96)
+    a[..., ::4, :] = 0.4  # stripes: the busier source everywhere
+    b = torch.full((1, 1, 96, 96), 0.05)
+    b[..., 40:64, 40:64] = 0.9  # "uptake", much brighter than A: must survive
+    target = guarded_selection(a, b)
+    assert set(torch.unique(target).tolist()) <= {0.0, 1.0}
+    assert float(target[..., 44:60, 44:60].min()) == 1.0
+    assert float(target[..., 8:24, 8:24].max()) == 0.0
+    logit = torch.full_like(a, -5.0)
+    terms = fusion_loss(a, a, b, LossWeights(rule=1.0), logit)
+    assert float(terms["rule"]) > 0.1 and "rule" not in fusion_loss(a, a, b, LossWeights(), logit)
