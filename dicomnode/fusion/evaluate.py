@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +26,29 @@ BASELINES = ("average", "maxabs", "pca", "laplacian", "dwt", "gff", "alpha")
 NETWORK = "network"
 
 
-def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
-                     metrics: tuple[str, ...] = TARGET_METRICS) -> dict[str, dict[str, dict[str, float]]]:
-    """{task: {method: {metric: mean over the task's pairs}}}; the network when ``model`` is given."""
-    from dicomnode.quality.metrics import compute_metrics
-
+def _fused_outputs(samples: list[PairSample], model: FusionNet | None,
+                   methods: tuple[str, ...]) -> Iterator[tuple[PairSample, str, np.ndarray]]:
+    """(sample, method, fused slice in [0, 1]) for every sample and method; the network when ``model`` is given."""
     runners = {name: get_method(name) for name in methods}
     if model is not None:
         runners[NETWORK] = network_method(model.eval(), saliency=False)
-    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
     for sample in samples:
         a = torch.from_numpy(sample.fixed)[None, None]
         b = torch.from_numpy(sample.moving)[None, None]
         for name, run in runners.items():
             with torch.no_grad():
-                fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
-            values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
-            scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
+                yield sample, name, run(a, b)[0][0, 0].clamp(0, 1).numpy()
+
+
+def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
+                     metrics: tuple[str, ...] = TARGET_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {method: {metric: mean over the task's pairs}}}; the network when ``model`` is given."""
+    from dicomnode.quality.metrics import compute_metrics
+
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for sample, name, fused in _fused_outputs(samples, model, methods):
+        values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
+        scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
     return {
         task: {name: {m: float(np.nanmean([v[m] for v in rows])) for m in metrics} for name, rows in by_method.items()}
         for task, by_method in scores.items()
@@ -64,17 +71,9 @@ def excess_kept(a: np.ndarray, b: np.ndarray, fused: np.ndarray, margin: float =
 def excess_kept_table(samples: list[PairSample], model: FusionNet | None,
                       methods: tuple[str, ...] = BASELINES) -> dict[str, dict[str, float]]:
     """{task: {method: mean excess_kept over the task's pairs}} (pairs without any excess skipped)."""
-    runners = {name: get_method(name) for name in methods}
-    if model is not None:
-        runners[NETWORK] = network_method(model.eval(), saliency=False)
     rows: dict[str, dict[str, list[float]]] = {}
-    for sample in samples:
-        a = torch.from_numpy(sample.fixed)[None, None]
-        b = torch.from_numpy(sample.moving)[None, None]
-        for name, run in runners.items():
-            with torch.no_grad():
-                fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
-            rows.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
+    for sample, name, fused in _fused_outputs(samples, model, methods):
+        rows.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
     return {task: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in by.items()}
             for task, by in rows.items()}
 
