@@ -180,18 +180,31 @@ def _volume(image: sitk.Image, modality: str, units: str) -> Volume:
 
 
 def make_case(sources: Sources, moving: str = "CT", fixed_size=(96, 96, 64), moving_spacing_mm: float | None = None,
-              deformation_mm: float = 4.0, seed: int = 0, n_points: int = 4000, name: str = "") -> RegistrationCase:
-    """Fixed MR = T1 warped by a known G; moving CT-like ("CT") or PET-like ("PT": blurred, coarse, noisy)."""
+              deformation_mm: float = 4.0, seed: int = 0, n_points: int = 4000, name: str = "",
+              fixed_modality: str = "MR") -> RegistrationCase:
+    """Fixed MR = T1 warped by a known G; moving CT-like ("CT") or PET-like ("PT": blurred, coarse, noisy).
+
+    ``fixed_modality="CT"`` swaps the roles: fixed CT-like = CT warped by G, moving ``"MR"`` = T1 unwarped.
+    """
     rng = np.random.default_rng(seed + 1)
     fixed_grid = _grid(sources.t1, fixed_size)
     center = fixed_grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed_size])
     body_fixed = sitk.Resample(sources.body, fixed_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     deform, p95 = smooth_displacement(fixed_grid, body_fixed, deformation_mm, seed)
     truth = sitk.CompositeTransform([_linear(center, seed), deform])  # x -> A(x + d(x))
-    fixed = sitk.Resample(sources.t1, fixed_grid, truth, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    peak = float(np.percentile(sitk.GetArrayViewFromImage(fixed), 99))
-    fixed = fixed + _noise(fixed, rng, 0.02 * peak)
-    if moving == "PT":
+    if fixed_modality == "CT":
+        fixed = sitk.Resample(sources.ct, fixed_grid, truth, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+        fixed = fixed + _noise(fixed, rng, 8.0)
+    else:
+        fixed = sitk.Resample(sources.t1, fixed_grid, truth, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        peak = float(np.percentile(sitk.GetArrayViewFromImage(fixed), 99))
+        fixed = fixed + _noise(fixed, rng, 0.02 * peak)
+    if moving == "MR":
+        mov = sitk.Resample(sources.t1, _grid(sources.t1, fixed_size), sitk.Transform(), sitk.sitkLinear, 0.0,
+                            sitk.sitkFloat32)
+        peak = float(np.percentile(sitk.GetArrayViewFromImage(mov), 99))
+        moving_vol = _volume(mov + _noise(mov, rng, 0.02 * peak), "MR", "")
+    elif moving == "PT":
         spacing = moving_spacing_mm or 4.0
         blurred = sitk.SmoothingRecursiveGaussian(sources.pet, 2.5)  # ~6 mm FWHM scanner resolution
         size = tuple(max(8, int(round(n * s / spacing))) for n, s in zip(sources.pet.GetSize(), sources.pet.GetSpacing()))
@@ -215,7 +228,8 @@ def make_case(sources: Sources, moving: str = "CT", fixed_size=(96, 96, 64), mov
     idx = np.argwhere(sitk.GetArrayViewFromImage(body_warped) > 0)
     idx = idx[rng.choice(len(idx), size=min(n_points, len(idx)), replace=False)]
     points = np.array([fixed_grid.TransformIndexToPhysicalPoint([int(i) for i in k[::-1]]) for k in idx])
-    return RegistrationCase(name or f"MR<-{moving}", _volume(fixed, "MR", ""), moving_vol, truth, points, structure, p95)
+    fixed_vol = _volume(fixed, "CT", "HU") if fixed_modality == "CT" else _volume(fixed, "MR", "")
+    return RegistrationCase(name or f"{fixed_modality}<-{moving}", fixed_vol, moving_vol, truth, points, structure, p95)
 
 
 def _noise(image: sitk.Image, rng: np.random.Generator, sigma: float) -> sitk.Image:
