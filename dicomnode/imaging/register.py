@@ -63,8 +63,10 @@ class _Level:
     mm: float
     fixed: sitk.Image
     moving: sitk.Image
-    mask: sitk.Image
+    mask: sitk.Image  # where the optimiser samples: the body, less the held-out voxels
     mask_voxels: int
+    body: sitk.Image  # the whole body mask (overlap checks)
+    heldout: sitk.Image | None = None  # voxels set aside for the stage checks (finest level only)
 
 
 def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) -> Registration:
@@ -176,6 +178,24 @@ def _level_image(img: sitk.Image, mm: float) -> sitk.Image:
                          img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
+def _split_heldout(mask: sitk.Image, samples: int, seed: int) -> tuple[sitk.Image, sitk.Image, int]:
+    """(training mask, held-out mask, training voxels): ``samples`` random voxels of ``mask`` (at most
+    half) set aside, so the stage checks score voxels the optimiser never sampled."""
+    arr = sitk.GetArrayFromImage(mask).astype(bool)
+    inside = np.flatnonzero(arr)
+    held = np.zeros(arr.size, dtype=bool)
+    held[np.random.default_rng(seed).choice(inside, size=min(samples, inside.size // 2), replace=False)] = True
+    held = held.reshape(arr.shape)
+
+    def image(a: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(a.astype(np.uint8))
+        img.CopyInformation(mask)
+        return img
+
+    train = arr & ~held
+    return image(train), image(held), int(train.sum())
+
+
 def _body_mask(img: sitk.Image) -> sitk.Image:
     """Voxels clearly above background, dilated so the body outline (an MI edge) is sampled."""
     arr = sitk.GetArrayViewFromImage(img)
@@ -195,7 +215,7 @@ class _Engine:
         self.floor_mm = float(np.prod(moving.GetSpacing()) ** (1 / 3))
         self._levels: dict[float, _Level] = {}
         used = [lv for st in config.stages for lv in self._stage_levels(st)]
-        self.eval_level = self.level(min(used))
+        self.eval_level = self.level(min(used), heldout=True)
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
         raw = getattr(self.cfg, f"{stage}_levels_mm")
@@ -206,12 +226,14 @@ class _Engine:
                 out.append(mm)
         return tuple(out)
 
-    def level(self, mm: float) -> _Level:
+    def level(self, mm: float, heldout: bool = False) -> _Level:
         if mm not in self._levels:
             f = _level_image(self.fixed, mm)
-            mask = _body_mask(f)
-            count = int(sitk.GetArrayViewFromImage(mask).sum())
-            self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count)
+            body = _body_mask(f)
+            mask, held, count = body, None, int(sitk.GetArrayViewFromImage(body).sum())
+            if heldout:
+                mask, held, count = _split_heldout(body, self.cfg.heldout_samples, self.cfg.seed + _HELDOUT_SEED_OFFSET)
+            self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
     def _method(self, level: _Level, samples: int, seed: int) -> sitk.ImageRegistrationMethod:
@@ -226,9 +248,16 @@ class _Engine:
         return r
 
     def heldout(self, transform: sitk.Transform) -> float:
-        """Mattes MI of ``transform`` on the held-out sample; +inf when too few samples overlap."""
+        """Mattes MI of ``transform`` on the held-out voxels; +inf when too few of them overlap."""
         lv = self.eval_level
-        r = self._method(lv, self.cfg.heldout_samples, self.cfg.seed + _HELDOUT_SEED_OFFSET)
+        r = sitk.ImageRegistrationMethod()
+        r.SetMetricAsMattesMutualInformation(self.cfg.histogram_bins)
+        # Every held-out voxel (MetricEvaluate ignores a sampling strategy: the mask is the sample).
+        r.SetMetricSamplingStrategy(r.NONE)
+        r.SetMetricFixedMask(lv.heldout)
+        r.SetInterpolator(sitk.sitkLinear)
+        if self.cfg.threads:
+            r.SetNumberOfThreads(self.cfg.threads)
         r.SetMovingInitialTransform(transform)
         r.SetInitialTransform(sitk.TranslationTransform(3), inPlace=False)
         try:
@@ -240,8 +269,8 @@ class _Engine:
         lv = self.eval_level
         ones = sitk.Image(lv.moving.GetSize(), sitk.sitkUInt8) + 1
         ones.CopyInformation(lv.moving)
-        inside = sitk.Resample(ones, lv.mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        return int(sitk.GetArrayFromImage(inside * lv.mask).sum())
+        inside = sitk.Resample(ones, lv.body, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        return int(sitk.GetArrayFromImage(inside * lv.body).sum())
 
     def initial(self) -> tuple[str, sitk.Euler3DTransform]:
         lv = self.level(self._stage_levels("rigid")[0] if "rigid" in self.cfg.stages else self.eval_level.mm)

@@ -229,3 +229,16 @@ def test_deformable_skipped_on_coarse_images(phantom):
     rigid, deformable = result.stages
     assert rigid.kept and not deformable.kept and deformable.iterations == 0
     assert "deformable_max_level_mm" in deformable.note and result.displacement_mm is None
+
+
+def test_heldout_voxels_are_never_sampled_by_the_optimiser():
+    from dicomnode.imaging.register import _split_heldout
+
+    body = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    body[2:18, 2:18, 1:9] = 1  # 16 x 16 x 8 = 2048 body voxels
+    train, held, count = _split_heldout(body, 500, seed=3)
+    t, h, b = (sitk.GetArrayFromImage(m).astype(bool) for m in (train, held, body))
+    assert h.sum() == 500 and count == t.sum() == 2048 - 500
+    assert not (t & h).any() and ((t | h) == b).all()
+    # Never more than half the body: the optimiser keeps most of its samples.
+    assert sitk.GetArrayFromImage(_split_heldout(body, 10**6, seed=3)[1]).sum() == 1024
