@@ -102,11 +102,12 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
     flat = [s for s in train_set if not s.task.endswith("-3D")]
     volume = [s for s in train_set if s.task.endswith("-3D")]
     select = settings.loss.rule > 0
-    model = FusionNet(select=select)
     if settings.init:
         start_from = load_model(settings.init)
         model = FusionNet(start_from.widths, start_from.refine_width, select=select)
         model.load_state_dict(start_from.state_dict())  # same layers for both heads
+    else:
+        model = FusionNet(select=select)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     budget = settings.time_budget_s

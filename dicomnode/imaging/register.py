@@ -236,28 +236,28 @@ class _Engine:
             self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
-    def _method(self, level: _Level, samples: int, seed: int) -> sitk.ImageRegistrationMethod:
+    def _metric(self, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
+        """A registration method with our metric (Mattes MI inside ``mask``), interpolator and threads."""
         r = sitk.ImageRegistrationMethod()
         r.SetMetricAsMattesMutualInformation(self.cfg.histogram_bins)
-        r.SetMetricSamplingStrategy(r.RANDOM)
-        r.SetMetricSamplingPercentage(min(1.0, samples / max(1, level.mask_voxels)), seed)
-        r.SetMetricFixedMask(level.mask)
+        r.SetMetricFixedMask(mask)
         r.SetInterpolator(sitk.sitkLinear)
         if self.cfg.threads:
             r.SetNumberOfThreads(self.cfg.threads)
         return r
 
+    def _method(self, level: _Level, samples: int, seed: int) -> sitk.ImageRegistrationMethod:
+        r = self._metric(level.mask)
+        r.SetMetricSamplingStrategy(r.RANDOM)
+        r.SetMetricSamplingPercentage(min(1.0, samples / max(1, level.mask_voxels)), seed)
+        return r
+
     def heldout(self, transform: sitk.Transform) -> float:
         """Mattes MI of ``transform`` on the held-out voxels; +inf when too few of them overlap."""
         lv = self.eval_level
-        r = sitk.ImageRegistrationMethod()
-        r.SetMetricAsMattesMutualInformation(self.cfg.histogram_bins)
+        r = self._metric(lv.heldout)
         # Every held-out voxel (MetricEvaluate ignores a sampling strategy: the mask is the sample).
         r.SetMetricSamplingStrategy(r.NONE)
-        r.SetMetricFixedMask(lv.heldout)
-        r.SetInterpolator(sitk.sitkLinear)
-        if self.cfg.threads:
-            r.SetNumberOfThreads(self.cfg.threads)
         r.SetMovingInitialTransform(transform)
         r.SetInitialTransform(sitk.TranslationTransform(3), inPlace=False)
         try:
