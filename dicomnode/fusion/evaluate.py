@@ -167,7 +167,7 @@ co-registered soft-tissue-sarcoma patient (STS_002; PET as SUV 0-10, hot colour 
 Random {settings['crop']} x {settings['crop']} crops, batch {settings['batch']}, flips and 90-degree turns,
 {'fixed/moving in order' if rule else 'fixed/moving swapped at random'}; AdamW (lr {settings['lr']}, weight decay {settings['weight_decay']}),
 100-step warm-up then cosine decay, {summary['steps_done']} steps, gradient clipping 1.0, seed {settings['seed']}.
-The state with the lowest validation loss (step {summary['best_step']}) is kept.
+The final state is kept; the validation cases are scored once, after training, never used to choose a state.
 Trained on {summary['device']} in {summary['train_seconds']} s ({settings['threads']} torch thread(s); the 2-core
 machine was shared with other work).
 

@@ -39,7 +39,10 @@ def network_method(model: FusionNet, saliency: bool = True):
         if not saliency:
             with torch.inference_mode():
                 out = model(a, b)
-            return out.fused, weighted_contribution(out.weight, a, b), None
+            # A selection copies one source per pixel: its 0/1 weight is the contribution (what
+            # weighted_contribution returns for w in {0, 1}, without its full-size passes).
+            share = out.weight[:, 0] if model.select else weighted_contribution(out.weight, a, b)
+            return out.fused, share, None
         with torch.enable_grad():
             out = model(a, b)
             # Per-slice sums keep each slice's Grad-CAM independent of the others in the batch.

@@ -69,7 +69,7 @@ class CrossModalAttention(nn.Module):
 
     def forward(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate(torch.cat([fa, fb, (fa - fb).abs()], dim=1)))
-        return F.leaky_relu(self.mix(g * fb + (1 - g) * fa), 0.1)
+        return F.leaky_relu(self.mix(torch.lerp(fa, fb, g)), 0.1)  # g * fb + (1 - g) * fa
 
 
 class Encoder(nn.Module):
@@ -136,12 +136,17 @@ class FusionNet(nn.Module):
         logit = out[:, :1] + coarse[:, :1]
         weight = torch.sigmoid(logit)
         if self.select:
-            if not self.training:
-                hard = (logit > 0).to(weight.dtype)
-                # Straight-through when a gradient is wanted (Grad-CAM): the value is the hard choice.
-                weight = hard + (weight - weight.detach()) if torch.is_grad_enabled() else hard
             detail = torch.zeros_like(weight)
-            fused = (1 - weight) * a + weight * b
+            if self.training:
+                fused = (1 - weight) * a + weight * b
+            elif torch.is_grad_enabled():
+                # Straight-through for a gradient (Grad-CAM): the value is the hard choice.
+                weight = (logit > 0).to(weight.dtype) + (weight - weight.detach())
+                fused = (1 - weight) * a + weight * b
+            else:
+                choose_b = logit > 0
+                weight = choose_b.to(weight.dtype)
+                fused = torch.where(choose_b, b, a)  # the same values as the blend with w in {0, 1}, one pass
         else:
             detail = 0.25 * torch.tanh(out[:, 1:] + coarse[:, 1:2])
             fused = ((1 - weight) * a + weight * b + detail).clamp(0, 1)

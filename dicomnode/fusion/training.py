@@ -5,8 +5,9 @@ the network does not learn which input is which; ``crop`` 256 trains on whole AA
 A ``rule`` loss weight trains the selection head (``FusionNet(select=True)``) on the guarded
 selection map instead; that map treats the moving image differently, so inputs are not swapped.
 AdamW with cosine decay over the steps, or over a wall-clock budget (``time_budget_s``: on a
-shared CPU the step rate is unknown in advance); validation on the held-out cases every few
-hundred steps; the best validation state is written with a model card.
+shared CPU the step rate is unknown in advance). The final state is kept: the held-out cases are
+scored once, after training, for the model card, and never used to choose a state (choosing the
+checkpoint by their loss would make the card's held-out figures optimistic).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class TrainSettings:
     crop: int = 80  # 256 trains on whole AANLIB slices (global structure), ~10x the pixels per crop
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    val_every: int = 200
+    log_every: int = 200  # progress line: mean training loss over the last this many steps
     seed: int = 0
     # One thread: on a shared 2-core machine two threads spent ~10x the CPU per step waiting on each other.
     threads: int = 1
@@ -73,27 +74,8 @@ def _crop_batch(samples: list[PairSample], count: int, crop: int, rng: np.random
     return torch.from_numpy(np.stack(a_list))[:, None], torch.from_numpy(np.stack(b_list))[:, None]
 
 
-@torch.no_grad()
-def validation_loss(model: FusionNet, samples: list[PairSample], weights: LossWeights, device: torch.device) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    by_shape: dict[tuple[int, int], list[PairSample]] = {}
-    for s in samples:
-        by_shape.setdefault(s.fixed.shape, []).append(s)
-    for group in by_shape.values():
-        for i in range(0, len(group), 16):
-            chunk = group[i : i + 16]
-            a = torch.from_numpy(np.stack([s.fixed for s in chunk]))[:, None].to(device)
-            b = torch.from_numpy(np.stack([s.moving for s in chunk]))[:, None].to(device)
-            out = model(a, b)
-            total += float(fusion_loss(out.fused, a, b, weights, out.logit)["total"]) * len(chunk)
-            count += len(chunk)
-    model.train()
-    return total / max(count, 1)
-
-
 def train(samples: list[PairSample], settings: TrainSettings, device: torch.device) -> tuple[FusionNet, dict]:
-    """Train from scratch; returns the best-validation model and a summary for the model card."""
+    """Train (from scratch or ``settings.init``); returns the final model and a summary for the model card."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     train_set, val_set = split_by_case(samples)
@@ -113,8 +95,8 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
     budget = settings.time_budget_s
     log.info("event=train_start params=%d train_pairs=%d val_pairs=%d volume_slices=%d steps=%d device=%s",
              parameter_count(model), len(flat), len(val_set), len(volume), settings.steps, device)
-    best = (math.inf, None, 0)
     history = []
+    recent: list[dict[str, float]] = []
     start = time.perf_counter()
     n_volume = int(round(settings.batch * settings.volume_share)) if volume and flat else 0
     step = 0
@@ -136,20 +118,16 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % settings.val_every == 0 or last:
-            val = validation_loss(model, val_set[::2], settings.loss, device) if val_set else float(terms["total"].detach())
-            history.append((step, float(terms["total"].detach()), val))
-            if val < best[0]:
-                best = (val, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
-            values = {k: float(v.detach()) for k, v in terms.items()}
+        recent.append({k: float(v.detach()) for k, v in terms.items()})
+        if step % settings.log_every == 0 or last:
+            values = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
+            history.append((step, values["total"]))
             log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f selection=%.4f rule=%.4f "
-                     "val=%.4f best_step=%d elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"],
-                     values["intensity"], values.get("selection", 0.0), values.get("rule", 0.0), val, best[2],
-                     time.perf_counter() - start)
+                     "elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"], values["intensity"],
+                     values.get("selection", 0.0), values.get("rule", 0.0), time.perf_counter() - start)
+            recent.clear()
         if last:
             break
-    if best[1] is not None:
-        model.load_state_dict(best[1])
     model.eval()
     summary = {
         "parameters": parameter_count(model),
@@ -158,8 +136,7 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         "val_pairs": len(val_set),
         "val_cases": {k: list(v) for k, v in VALIDATION_CASES.items()},
         "steps_done": step,
-        "best_step": best[2],
-        "best_val_loss": best[0],
+        "final_loss": history[-1][1],
         "train_seconds": round(time.perf_counter() - start),
         "history": history,
         # Plain types only: the weights file is read back with torch.load(weights_only=True).
@@ -196,7 +173,7 @@ def train_command(args: argparse.Namespace) -> int:
     out: Path = args.out
     weights = out / "fusion_net.pt"
     save_weights(model, weights, meta={k: v for k, v in summary.items() if k != "history"})
-    log.info("event=train_done weights=%s best_step=%d seconds=%d", weights, summary["best_step"], summary["train_seconds"])
+    log.info("event=train_done weights=%s steps=%d seconds=%d", weights, summary["steps_done"], summary["train_seconds"])
     from dicomnode.fusion.evaluate import evaluate_methods, write_model_card
 
     _, val_set = split_by_case(samples)

@@ -84,3 +84,17 @@ def test_alpha_overlays_colour_mapped_moving_where_it_has_signal(grey_batch):
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="does not match"):
         fuse(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9), "average", "cpu")
+
+
+def test_sobel_magnitude_matches_scipy():
+    import math
+
+    import numpy as np
+    from scipy import ndimage
+
+    from dicomnode.fusion.classical import sobel_magnitude
+
+    img = np.random.default_rng(3).random((37, 52)).astype(np.float64)
+    ref = np.hypot(ndimage.sobel(img, axis=0, mode="nearest"), ndimage.sobel(img, axis=1, mode="nearest"))
+    ours = sobel_magnitude(torch.from_numpy(img)[None, None])[0, 0].numpy()
+    assert np.allclose(ours, ref / (4 * math.sqrt(2)), atol=1e-6)

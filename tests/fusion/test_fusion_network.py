@@ -138,3 +138,18 @@ def test_selection_head_keeps_a_saliency_gradient():
     # The hard choice has no gradient; the straight-through soft weight gives Grad-CAM one.
     assert float(cam.max()) == pytest.approx(1.0)
     assert set(torch.unique(contribution).tolist()) <= {0.0, 1.0}
+
+
+def test_selection_fast_path_matches_the_general_formulas():
+    from dicomnode.fusion.explain import network_method, weighted_contribution
+
+    torch.manual_seed(1)
+    model = FusionNet(select=True).eval()
+    a, b = torch.rand(3, 1, 40, 48), torch.rand(3, 1, 40, 48)
+    a[0, 0, :8] = 0  # dark in both: weighted_contribution falls back to w there
+    b[0, 0, :8] = 0
+    fused, share, _ = network_method(model, saliency=False)(a, b)
+    with torch.no_grad():
+        out = model(a, b)
+    assert torch.equal(fused, (1 - out.weight) * a + out.weight * b)
+    assert torch.equal(share, weighted_contribution(out.weight, a, b))

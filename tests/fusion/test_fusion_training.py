@@ -8,7 +8,7 @@ import torch
 from dicomnode.fusion.datasets import VALIDATION_CASES, load_pair_folder, split_by_case
 from dicomnode.fusion.losses import LossWeights, fusion_loss
 from dicomnode.fusion.network import load_model
-from dicomnode.fusion.training import train_command
+from dicomnode.fusion.training import TrainSettings, train, train_command
 
 
 def test_validation_split_is_by_case(aanlib_dir):
@@ -21,6 +21,23 @@ def test_validation_split_is_by_case(aanlib_dir):
         assert val_cases == set(VALIDATION_CASES[task])
         assert not train_cases & val_cases
     assert all(s.fixed.shape == s.moving.shape and 0 <= s.fixed.min() and s.fixed.max() <= 1 for s in samples)
+
+
+def test_held_out_cases_never_influence_the_weights(aanlib_dir):
+    """Training keeps its final state: the validation pairs are never used to choose one."""
+    from dataclasses import replace
+
+    samples = load_pair_folder(aanlib_dir / "PET-MRI")
+    train_set, val_set = split_by_case(samples)
+    settings = TrainSettings(steps=3, batch=2, crop=32, log_every=1)
+    flipped = [replace(s, moving=s.moving[::-1].copy()) for s in val_set]  # different held-out content
+    states = []
+    for held_out in (val_set, flipped, []):
+        model, summary = train(train_set[:6] + held_out, settings, torch.device("cpu"))
+        states.append(model.state_dict())
+        assert summary["steps_done"] == 3 and summary["val_pairs"] == len(held_out)
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
 
 
 def test_loss_prefers_a_fusion_over_one_source():
