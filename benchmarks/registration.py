@@ -1,9 +1,11 @@
 """Registration accuracy and speed on generated full-size cases: ours vs elastix and ANTs defaults.
 
 Run: python benchmarks/registration.py [--size 192 192 128] [--cases CT,PT,MR] [--refs elastix,ants]
-     [--write-docs]. elastix (itk-elastix) and ANTs (antspyx) are the `bench` extra; a missing one is
-reported and skipped. Prints a markdown table; --write-docs puts it under "## Registration" in
-docs/benchmarks.md. TRE = |T(x) - G(x)| (mm) over points inside the fixed brain.
+     [--seed N] [--skip-ours] [--write-docs]. elastix (itk-elastix) and ANTs (antspyx) are the `bench`
+extra; a missing one is reported and skipped. --skip-ours runs only the reference tools (for an
+environment that holds them but not the node's pins). Prints a markdown table; --write-docs puts it
+between the registration-table markers of docs/benchmarks.md (hand-written text around them stays).
+TRE = |T(x) - G(x)| (mm) over points inside the fixed brain.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -28,22 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 MNI = REPO.parent / "shared" / "data" / "nifti" / "mni152_icbm2009a_nilearn"
 
 
-NOTES = """Reproduce: `pip install -e .[bench]` (itk-elastix and antspyx pin older numpy/scipy; install them
-into a separate environment or target folder if the node's environment must keep its versions), then
-`python benchmarks/registration.py --write-docs`. "seconds" for ours is cumulative over the stages;
-for elastix and ANTs it is the whole run. The best affine fit is the least-squares affine of the true
-mapping over the same points: the floor for any affine stage. CT is clamped for mutual information
-to the 2nd-98th percentiles of its soft-tissue voxels (here about -2..83 HU): with the old fixed
--160..240 HU window grey and white matter shared one or two of 32 bins and a B-spline 3 mm off the
-true mapping scored better held-out MI than the true mapping itself; with a -20..100 HU window a
-B-spline optimisation started at the true mapping stays there (0.02 mm): the remaining deformable error is
-under-convergence, not a biased metric. For PET it drifts 0.75 mm away from the truth, and the
-deformable stage made PET's error worse, so `registration.deformable_modalities` is CT and MR by
-default (the stage runs when both the fixed and the moving modality are listed), and
-`registration.deformable_max_level_mm` (2 mm) skips it on coarse images (on 64x64x48 and 96x96x64
-versions of the CT case it did not beat the affine stage); the "deformable forced" rows run it
-anyway. The affine stage ends with a few Powell sweeps (`registration.affine_polish_iterations`),
-kept only when the held-out metric improves.
+NOTES = """Reproduce: `python benchmarks/registration.py --refs "" --write-docs` in the node's environment, and
+the reference rows in a separate one (itk-elastix and antspyx pin their own numpy/scipy):
+`python -m venv REF && REF/bin/pip install itk-elastix antspyx SimpleITK pydicom pydantic`, then
+`PYTHONPATH=. REF/bin/python benchmarks/registration.py --skip-ours`. "seconds" for ours is
+cumulative over the stages; for elastix and ANTs it is the whole run. The best affine fit is the
+least-squares affine of the true mapping over the same points: the floor for any affine stage.
+Defaults: CT clamped for mutual information to the 2nd-98th percentiles of its soft-tissue voxels;
+B-spline grid 30 mm, optimised at a 1.5 mm level (20000 samples, 24 L-BFGS-B iterations) when both
+modalities are in `registration.deformable_modalities` (CT and MR) and the level is not coarser than
+`registration.deformable_max_level_mm` (2 mm); the "deformable forced" rows run it for PET anyway.
+The affine stage ends with Powell sweeps (`registration.affine_polish_iterations`) only when no
+deformable stage follows (PET/NM), kept only when the held-out metric improves.
 """
 
 
@@ -163,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="moving modalities: CT, PT onto the MR; MR onto a CT-like fixed image")
     parser.add_argument("--refs", default="elastix,ants")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip-ours", action="store_true", help="only the reference tools")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
 
@@ -184,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{_fmt(fit.max_mm)} | {_fmt(fit.dice)} |")
         gate = RegistrationConfig().deformable_modalities
         forced = [] if fixed_modality in gate and moving in gate else ["ours, deformable forced"]
-        for name in ["ours"] + forced + [r for r in args.refs.split(",") if r]:
+        ours = [] if args.skip_ours else ["ours"] + forced
+        for name in ours + [r for r in args.refs.split(",") if r]:
             try:
                 rows = runners[name](case)
             except ImportError as exc:
@@ -210,12 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+START, END = "<!-- registration-table: start -->", "<!-- registration-table: end -->"
+
+
 def _write_docs(path: Path, table: str) -> None:
-    """Replace the body of the '## Registration' section, leaving other sections untouched."""
+    """Replace the text between the markers (a new '## Registration' section when there are none)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## Registration\n\n" + table + "\n"
-    pattern = re.compile(r"^## Registration\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Registration\n\n" + block + "\n"
     path.write_text(text)
 
 

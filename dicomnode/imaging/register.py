@@ -2,9 +2,10 @@
 
 Speed comes from a shared image pyramid in millimetres (each stage picks its levels, none finer
 than the moving image's voxels), a fixed number of random metric samples per level inside a fixed
-body mask, and a coarse B-spline grid. Safety comes from checking every stage on an independent
-random sample of voxels (another seed, at the finest level used) and falling back to the
-previous transform when the stage did not improve mutual information there.
+body mask, and a coarse B-spline grid (optimised one level finer than the affine stage). Safety
+comes from checking every stage on an independent random sample of voxels (another seed, at the
+finest level used) and falling back to the previous transform when the stage did not improve
+mutual information there.
 """
 
 from __future__ import annotations
@@ -216,6 +217,20 @@ class _Engine:
         self._levels: dict[float, _Level] = {}
         used = [lv for st in config.stages for lv in self._stage_levels(st)]
         self.eval_level = self.level(min(used), heldout=True)
+        self.deformable_skip = self._deformable_skip()
+
+    def _deformable_skip(self) -> str:
+        """Why the deformable stage will not run for this pair ("" when it will)."""
+        pair = (self.fixed_modality, self.moving_modality)
+        if "deformable" not in self.cfg.stages:
+            return "not configured"
+        if not all(m in self.cfg.deformable_modalities for m in pair):
+            return (f"not run for {pair[1] or 'unknown'} onto {pair[0] or 'unknown'} "
+                    "(registration.deformable_modalities)")
+        finest = min(self._stage_levels("deformable"))
+        if finest > self.cfg.deformable_max_level_mm:
+            return f"not run: finest level {finest:g} mm is coarser than registration.deformable_max_level_mm"
+        return ""
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
         raw = getattr(self.cfg, f"{stage}_levels_mm")
@@ -320,7 +335,8 @@ class _Engine:
             log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm,
                       r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip())
             iterations += r.GetOptimizerIteration()
-        if stage == "affine" and cfg.affine_polish_iterations:
+        # A following B-spline absorbs the affine residual: the polish is only worth its time without one.
+        if stage == "affine" and cfg.affine_polish_iterations and self.deformable_skip:
             iterations += self._polish(tx, self._stage_levels(stage)[-1])
         return iterations
 
@@ -365,16 +381,9 @@ class _Engine:
         bspline: sitk.Transform | None = None
         for stage in self.cfg.stages:
             t0 = time.perf_counter()
-            pair = (self.fixed_modality, self.moving_modality)
-            if stage == "deformable" and not all(m in self.cfg.deformable_modalities for m in pair):
+            if stage == "deformable" and self.deformable_skip:
                 result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
-                                                 f"not run for {pair[1] or 'unknown'} onto {pair[0] or 'unknown'} "
-                                                 "(registration.deformable_modalities)"))
-                continue
-            if stage == "deformable" and min(self._stage_levels(stage)) > self.cfg.deformable_max_level_mm:
-                result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
-                                                 f"not run: finest level {min(self._stage_levels(stage)):g} mm is "
-                                                 "coarser than registration.deformable_max_level_mm"))
+                                                 self.deformable_skip))
                 continue
             if stage == "rigid":
                 candidate = sitk.Euler3DTransform(linear if isinstance(linear, sitk.Euler3DTransform) else init_tx)

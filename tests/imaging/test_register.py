@@ -167,6 +167,18 @@ def test_affine_polish_does_not_worsen_the_metric(pet_case):
     assert polished.metric_after <= plain.metric_after + 1e-4
 
 
+def test_affine_polish_only_without_a_following_deformable_stage(pet_case):
+    # The B-spline absorbs the affine residual, so the Powell sweeps' time goes to it instead.
+    def affine(**kw):
+        cfg = RegistrationConfig(**{**FAST, "affine_polish_iterations": 2, **kw})
+        return register_volumes(pet_case.fixed, pet_case.moving, cfg).stages[1]
+
+    alone = affine(stages=("rigid", "affine"))
+    chained = affine()  # the deformable stage runs for PT here (FAST lists it)
+    gated = affine(deformable_modalities=("CT", "MR"))  # listed, but will not run for PT: polish again
+    assert chained.iterations < alone.iterations and gated.iterations > chained.iterations
+
+
 def test_ct_window_follows_the_soft_tissue_range():
     from dicomnode.imaging.register import _ct_window
 
