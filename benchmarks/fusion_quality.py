@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dicomnode.fusion.datasets import load_training_data, split_by_case
-from dicomnode.fusion.evaluate import evaluate_methods, excess_kept_table, markdown_table, wins, write_model_card
+from dicomnode.fusion.evaluate import evaluate_methods, markdown_table, wins, write_model_card
 from dicomnode.fusion.network import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,14 +35,14 @@ def main() -> None:
     _, val = split_by_case(load_training_data([args.data / t for t in TASKS]))
     val = val[:: args.stride]
     model = load_model(args.weights)
-    table = evaluate_methods(val, model)
+    evaluation = evaluate_methods(val, model)
+    table = evaluation.metrics
     print(f"validation pairs scored: {len(val)}\n")
     print(markdown_table(table))
     for task, rows in sorted(table.items()):
         print(f"{task}: network best on {len(wins(rows))}/5 ({', '.join(wins(rows))})")
-    kept = excess_kept_table(val, model)
     print("\nShare of the moving image's excess over the fixed one kept where B > A + 0.1 (1 = all):")
-    for task, rows in sorted(kept.items()):
+    for task, rows in sorted(evaluation.kept.items()):
         print(f"{task}: " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,33 +26,39 @@ BASELINES = ("average", "maxabs", "pca", "laplacian", "dwt", "gff", "alpha")
 NETWORK = "network"
 
 
-def _fused_outputs(samples: list[PairSample], model: FusionNet | None,
-                   methods: tuple[str, ...]) -> Iterator[tuple[PairSample, str, np.ndarray]]:
-    """(sample, method, fused slice in [0, 1]) for every sample and method; the network when ``model`` is given."""
+@dataclass
+class Evaluation:
+    """Per task and method: the target metrics' means, and the functional-signal share (excess_kept)."""
+
+    metrics: dict[str, dict[str, dict[str, float]]]  # {task: {method: {metric: mean over the pairs}}}
+    kept: dict[str, dict[str, float]]  # {task: {method: mean excess_kept, pairs without excess skipped}}
+
+
+def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
+                     metrics: tuple[str, ...] = TARGET_METRICS) -> Evaluation:
+    """Fuse every sample with every method once (the network too when ``model`` is given) and score it."""
+    from dicomnode.quality.metrics import compute_metrics
+
     runners = {name: get_method(name) for name in methods}
     if model is not None:
         runners[NETWORK] = network_method(model.eval(), saliency=False)
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    kept: dict[str, dict[str, list[float]]] = {}
     for sample in samples:
         a = torch.from_numpy(sample.fixed)[None, None]
         b = torch.from_numpy(sample.moving)[None, None]
         for name, run in runners.items():
             with torch.no_grad():
-                yield sample, name, run(a, b)[0][0, 0].clamp(0, 1).numpy()
-
-
-def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
-                     metrics: tuple[str, ...] = TARGET_METRICS) -> dict[str, dict[str, dict[str, float]]]:
-    """{task: {method: {metric: mean over the task's pairs}}}; the network when ``model`` is given."""
-    from dicomnode.quality.metrics import compute_metrics
-
-    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for sample, name, fused in _fused_outputs(samples, model, methods):
-        values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
-        scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
-    return {
-        task: {name: {m: float(np.nanmean([v[m] for v in rows])) for m in metrics} for name, rows in by_method.items()}
-        for task, by_method in scores.items()
-    }
+                fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
+            values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
+            scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
+            kept.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
+    return Evaluation(
+        {task: {name: {m: float(np.nanmean([v[m] for v in rows])) for m in metrics} for name, rows in by.items()}
+         for task, by in scores.items()},
+        {task: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in by.items()}
+         for task, by in kept.items()},
+    )
 
 
 def excess_kept(a: np.ndarray, b: np.ndarray, fused: np.ndarray, margin: float = 0.1) -> float:
@@ -66,16 +72,6 @@ def excess_kept(a: np.ndarray, b: np.ndarray, fused: np.ndarray, margin: float =
     if not mask.any():
         return float("nan")
     return float(np.clip((fused - a)[mask] / (b - a)[mask], 0, 1).mean())
-
-
-def excess_kept_table(samples: list[PairSample], model: FusionNet | None,
-                      methods: tuple[str, ...] = BASELINES) -> dict[str, dict[str, float]]:
-    """{task: {method: mean excess_kept over the task's pairs}} (pairs without any excess skipped)."""
-    rows: dict[str, dict[str, list[float]]] = {}
-    for sample, name, fused in _fused_outputs(samples, model, methods):
-        rows.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
-    return {task: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in by.items()}
-            for task, by in rows.items()}
 
 
 def wins(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[str]:

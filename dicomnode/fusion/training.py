@@ -177,7 +177,7 @@ def train_command(args: argparse.Namespace) -> int:
     from dicomnode.fusion.evaluate import evaluate_methods, write_model_card
 
     _, val_set = split_by_case(samples)
-    table = evaluate_methods(val_set, model) if val_set and not getattr(args, "no_eval", False) else None
+    table = evaluate_methods(val_set, model).metrics if val_set and not getattr(args, "no_eval", False) else None
     write_model_card(out / "MODEL_CARD.md", summary, table)
     log.info("event=model_card path=%s", out / "MODEL_CARD.md")
     return 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicomnode.fusion.datasets import PairSample
-from dicomnode.fusion.evaluate import evaluate_methods, excess_kept, excess_kept_table, wins
+from dicomnode.fusion.evaluate import evaluate_methods, excess_kept, wins
 
 
 def _sample(task: str, seed: int) -> PairSample:
@@ -31,9 +31,9 @@ def test_excess_kept_on_hand_cases():
 
 def test_tables_per_task_and_method():
     samples = [_sample("PET-MRI", 0), _sample("PET-MRI", 1), _sample("CT-MRI", 2)]
-    table = evaluate_methods(samples, None, methods=("average", "maxabs"), metrics=("MI", "SSIM"))
+    evaluation = evaluate_methods(samples, None, methods=("average", "maxabs"), metrics=("MI", "SSIM"))
+    table, kept = evaluation.metrics, evaluation.kept
     assert set(table) == {"PET-MRI", "CT-MRI"} and set(table["PET-MRI"]) == {"average", "maxabs"}
     assert all(np.isfinite(v) for row in table["PET-MRI"].values() for v in row.values())
-    kept = excess_kept_table(samples, None, methods=("average", "maxabs"))
     assert kept["PET-MRI"]["maxabs"] == pytest.approx(1.0) and kept["PET-MRI"]["average"] == pytest.approx(0.5, abs=0.01)
     assert wins({"network": {"MI": 2.0, "SSIM": 0.5}, "average": {"MI": 1.0, "SSIM": 0.6}}) == ["MI"]
