@@ -43,6 +43,8 @@ class TLSConfig(_Section):
     key_file: Path | None = None
     ca_file: Path | None = None
     require_client_cert: bool = False
+    # A connection must finish its TLS handshake within this time, or it is closed (and audited).
+    handshake_timeout_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> TLSConfig:
@@ -65,6 +67,14 @@ class NodeConfig(_Section):
     max_associations: int = Field(10, ge=1)
     # Empty: any calling AE is accepted. Otherwise unknown callers are rejected at association.
     allowed_callers: tuple[AllowedCaller, ...] = ()
+    # Peers must address the node by its own AE title (called AE); others get A-ASSOCIATE-RJ.
+    require_called_ae: bool = True
+    # Deflated Explicit VR Little Endian is negotiated only when true; its data sets are inflated
+    # under a cap: the pixel data the header declares plus inflate_margin_bytes, never more than
+    # max_inflated_bytes.
+    accept_deflated: bool = False
+    inflate_margin_bytes: int = Field(1_048_576, ge=4096)
+    max_inflated_bytes: int = Field(268_435_456, ge=65536)
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

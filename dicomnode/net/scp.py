@@ -24,6 +24,7 @@ from dicomnode.audit.db import AuditDB
 from dicomnode.config import Config, TLSConfig
 from dicomnode.log import event as log_event
 from dicomnode.net.records import ReceiveRecorder
+from dicomnode.net.server import start_server
 from dicomnode.net.validate import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -39,8 +40,9 @@ from dicomnode.store.spool import Spool, SpoolError, part10_header
 
 log = logging.getLogger(__name__)
 
-# A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized (PS3.8 9.3.4).
+# A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-/called-AE-title-not-recognized (PS3.8 9.3.4).
 _REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)
+_REJECT_UNKNOWN_CALLED = (0x01, 0x01, 0x07)
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
@@ -123,11 +125,13 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._make_ae().start_server(
+        self._server = start_server(
+            self._make_ae(),
             (node.host, node.port),
-            block=False,
+            tls_context=server_ssl_context(self.config.tls),
+            handshake_timeout_s=self.config.tls.handshake_timeout_s,
+            on_handshake_failed=self._on_handshake_failed,
             evt_handlers=handlers,
-            ssl_context=server_ssl_context(self.config.tls),
         )
         log_event(log, "scp_listening", ae=node.ae_title, host=node.host, port=self.port, tls=self.config.tls.enabled)
 
@@ -170,14 +174,21 @@ class StoreSCP:
             reason=reason,
         )
 
+    def _on_handshake_failed(self, host: str, port: int, reason: str) -> None:
+        self.records.association(calling_ae="", called_ae="", peer_host=host, peer_port=port, accepted=False, reason=reason)
+
     def _on_requested(self, event) -> None:
         primitive = event.assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
         host = str(event.assoc.requestor.address)
-        if self._caller_allowed(calling, host):
+        if not self._caller_allowed(calling, host):
+            reason, diagnostic = f"calling AE {calling!r} from {host} is not an allowed caller", _REJECT_UNKNOWN_CALLER
+        elif self.config.node.require_called_ae and called != self.config.node.ae_title:
+            reason, diagnostic = f"called AE {called!r} is not this node's AE title", _REJECT_UNKNOWN_CALLED
+        else:
             return
-        reason = f"calling AE {calling!r} from {host} is not an allowed caller"
-        event.assoc.acse.send_reject(*_REJECT_UNKNOWN_CALLER)
+        event.assoc.acse.send_reject(*diagnostic)
         self._record_association(event, accepted=False, reason=reason)
         log_event(log, "association_rejected", logging.WARNING, calling_ae=calling, peer=host, reason=reason)
         event.assoc.kill()

@@ -6,16 +6,21 @@ server certificates name 127.0.0.1 so host-name verification is exercised, not s
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from tests.conftest import free_port, require_tool
 from tests.e2e.dcmtk_peers import StoreSCPPeer, storescu
 from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Instance
+from dicomnode.audit.models import Association, Instance
 from dicomnode.config import Destination, TLSConfig, load_config
 from dicomnode.net.scp import StoreSCP
 from dicomnode.net.scu import SendFailed, send_files
@@ -60,9 +65,9 @@ def files(tmp_path_factory) -> list[Path]:
     return write_synthetic_study(tmp_path_factory.mktemp("study"), modalities=("CT",), shape=(4, 32, 32))["CT"]
 
 
-def _tls_node(tmp_path: Path, pki: dict[str, Path], require_client_cert: bool) -> StoreSCP:
+def _tls_node(tmp_path: Path, pki: dict[str, Path], require_client_cert: bool, **tls_extra) -> StoreSCP:
     tls = {"enabled": True, "cert_file": str(pki["server"]), "key_file": str(pki["server_key"]),
-           "ca_file": str(pki["ca"]), "require_client_cert": require_client_cert}
+           "ca_file": str(pki["ca"]), "require_client_cert": require_client_cert, **tls_extra}
     config = load_config(None, {"node": {"port": free_port()}, "tls": tls})
     scp = StoreSCP(config, AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}"), Spool(tmp_path / "spool"))
     scp.start()
@@ -113,3 +118,46 @@ def test_node_sends_over_tls_and_verifies_the_peer(tmp_path, pki, files):
         with pytest.raises(SendFailed, match="association to"):
             send_files(dest, files, calling_ae="DICOMNODE", timeout_s=15, tls=client_tls)
         assert peer.files() == []
+
+
+def _tls_echo(scp: StoreSCP, pki: dict[str, Path]) -> float:
+    """Seconds a mutual-TLS C-ECHO (pynetdicom as the peer) takes, association included."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+    ae = AE(ae_title="TLSSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    started = time.monotonic()
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE", tls_args=(context, "127.0.0.1"))
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    return time.monotonic() - started
+
+
+def test_idle_connection_does_not_stall_tls_and_times_out(tmp_path, pki):
+    # pynetdicom handshakes in its accept loop without a timeout: one silent TCP client used to
+    # block every later association on the TLS port.
+    scp = _tls_node(tmp_path, pki, True, handshake_timeout_s=3)
+    idle = socket.create_connection(("127.0.0.1", scp.port))
+    try:
+        time.sleep(0.2)  # the node has accepted it and waits for a ClientHello
+        assert _tls_echo(scp, pki) < 2.0
+        # The silent client is cut off after the handshake timeout, and audited.
+        idle.settimeout(30)
+        assert idle.recv(1) == b""
+
+        def refused() -> list[Association]:
+            with scp.db.session() as s:
+                return s.scalars(select(Association).where(Association.accepted.is_(False))).all()
+
+        deadline = time.monotonic() + 30
+        while not refused() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = refused()
+        assert len(rows) == 1 and rows[0].reason == "TLS handshake timed out" and rows[0].peer_host == "127.0.0.1"
+        assert _tls_echo(scp, pki) < 2.0
+    finally:
+        idle.close()
+        scp.stop()
+        scp.db.close()

@@ -118,7 +118,7 @@ def test_unsupported_sop_class_context_is_rejected_and_audited(node, caplog):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(Verification)
     ae.add_requested_context(RTDoseStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
     assert assoc.is_established
     assert [str(c.abstract_syntax) for c in assoc.rejected_contexts] == [RTDoseStorage]
     with pytest.raises(ValueError, match="presentation context"):
@@ -141,7 +141,7 @@ def test_truncated_transfer_leaves_nothing_behind(node, how):
     ds = make_ct(rows=256, cols=256)  # 128 KiB of pixels: several P-DATA PDUs at 16 KiB
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, max_pdu=16384)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", max_pdu=16384)
     assert assoc.is_established
     context = assoc.accepted_contexts[0]
     request = C_STORE()

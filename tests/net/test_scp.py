@@ -176,3 +176,38 @@ def test_allowed_callers_reject_unknown_ae_and_wrong_host(tmp_path):
     finally:
         node.scp.stop()
         node.db.close()
+
+
+def test_wrong_called_ae_is_rejected_and_audited(tmp_path):
+    node = start_node(tmp_path)
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ANY-SCP")
+        assert assoc.is_rejected
+        primitive = assoc.acceptor.primitive
+        # rejected-permanent, service-user, called-AE-title-not-recognized (PS3.8 9.3.4)
+        assert (primitive.result, primitive.result_source, primitive.diagnostic) == (0x01, 0x01, 0x07)
+        good = associate(node)
+        assert good.send_c_echo().Status == 0
+        good.release()
+        with node.db.session() as s:
+            rows = s.scalars(select(Association).order_by(Association.id)).all()
+        assert [(r.called_ae, r.accepted) for r in rows] == [("ANY-SCP", False), ("DICOMNODE", True)]
+        assert "called AE 'ANY-SCP'" in rows[0].reason and rows[0].ended_at is not None
+    finally:
+        node.scp.stop()
+        node.db.close()
+
+
+def test_called_ae_is_not_checked_when_not_required(tmp_path):
+    node = start_node(tmp_path, node={"require_called_ae": False})
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ANY-SCP")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        node.scp.stop()
+        node.db.close()
