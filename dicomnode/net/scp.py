@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from pydicom import uid as U
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification
@@ -29,11 +30,12 @@ from dicomnode.net.validate import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
-    STORAGE_SOP_CLASSES,
+    ALL_STORAGE_SOP_CLASSES,
     InstanceInfo,
     RejectedInstance,
     accepted_transfer_syntaxes,
     check_instance,
+    read_deflated_header,
     read_header,
 )
 from dicomnode.store.spool import Spool, SpoolError, part10_header
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-/called-AE-title-not-recognized (PS3.8 9.3.4).
 _REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)
 _REJECT_UNKNOWN_CALLED = (0x01, 0x01, 0x07)
+# Lock stripes for SOP Instance UIDs in flight (more stripes than max_associations: rare waits).
+_INSTANCE_LOCKS = 64
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
@@ -65,6 +69,11 @@ def _set_nodelay(sock: object) -> None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # the peer already closed; nothing to tune
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a NUL in a UID) escaped as ``\\xNN``."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -92,6 +101,9 @@ class StoreSCP:
         # pynetdicom Association object -> (audit row id, how it ended); one entry per live association.
         self._associations: dict[object, list] = {}
         self._lock = threading.Lock()
+        # Concurrent C-STOREs of one SOP Instance UID: the second waits, then finds the first's row
+        # (without this it replaced the first copy's spool file while the row kept its sha256).
+        self._instance_locks = [threading.Lock() for _ in range(_INSTANCE_LOCKS)]
         self.records = ReceiveRecorder(db)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -103,9 +115,9 @@ class StoreSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.maximum_associations = node.max_associations
-        syntaxes = accepted_transfer_syntaxes()
+        syntaxes = accepted_transfer_syntaxes(deflated=node.accept_deflated)
         ae.add_supported_context(Verification)
-        for sop_class in STORAGE_SOP_CLASSES:
+        for sop_class in sorted(ALL_STORAGE_SOP_CLASSES):
             ae.add_supported_context(sop_class, syntaxes)
         return ae
 
@@ -209,7 +221,7 @@ class StoreSCP:
         """
         calling = assoc.requestor.ae_title
         classes = sorted({str(c.abstract_syntax) for c in rejected})
-        storable = [c for c in assoc.accepted_contexts if str(c.abstract_syntax) in STORAGE_SOP_CLASSES]
+        storable = [c for c in assoc.accepted_contexts if str(c.abstract_syntax) in ALL_STORAGE_SOP_CLASSES]
         level = logging.INFO if storable else logging.WARNING
         log_event(log, "contexts_rejected", level, id=assoc_id, calling_ae=calling, count=len(rejected), sop_classes=",".join(classes[:5]))
         if not storable and any(c != Verification for c in classes):
@@ -288,11 +300,14 @@ class StoreSCP:
                 log_event(log, "on_instance_failed", logging.ERROR, series=info.series_uid, error=repr(exc))
         return STATUS_SUCCESS
 
-    @staticmethod
-    def _check(event, body: bytes, sop_class: str, sop_uid: str, syntax: str) -> InstanceInfo:
+    def _check(self, event, body: bytes, sop_class: str, sop_uid: str, syntax: str) -> InstanceInfo:
         """Validate the received data set; only compressed or unusual syntaxes are fully decoded."""
         try:
-            header = read_header(body, syntax)
+            if syntax == U.DeflatedExplicitVRLittleEndian:
+                node = self.config.node
+                header = read_deflated_header(body, node.inflate_margin_bytes, node.max_inflated_bytes)
+            else:
+                header = read_header(body, syntax)
             if header is not None:
                 ds, pixels = header
                 return check_instance(ds, sop_class, sop_uid, syntax, header_only=True, pixels=pixels)
@@ -313,7 +328,8 @@ class StoreSCP:
         One pooled connection does the duplicate check, then (after the durable spool write) one
         short write transaction (see ReceiveRecorder.instance).
         """
-        with self.records.connect() as conn:
+        lock = self._instance_locks[hash(info.sop_instance_uid) % _INSTANCE_LOCKS]
+        with lock, self.records.connect() as conn:
             if self.records.is_duplicate(conn, info.sop_instance_uid):
                 return "duplicate"
             try:
@@ -330,6 +346,8 @@ class StoreSCP:
                 raise
 
     def _reject(self, raw, assoc_id, calling, sop_class, sop_uid, exc: RejectedInstance) -> Dataset:
+        # A malformed UID may hold a NUL or control characters, which PostgreSQL text refuses.
+        sop_class, sop_uid = _printable(sop_class), _printable(sop_uid)
         quarantine_path = None
         if raw is not None:
             try:

@@ -12,8 +12,8 @@ the final name and the directory is fsynced, so a crash leaves either the whole 
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 import shutil
 import struct
 import time
@@ -26,9 +26,10 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-# UIDs are digits and dots; anything else (a broken sender) is replaced so a value can never
-# escape its directory.
-_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+# UIDs are digits and dots; anything else (a broken sender) is escaped so a value can never
+# escape its directory, and two values never share a file.
+_PLAIN = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.-")
+_MAX_NAME = 128
 _TMP_PREFIX = ".tmp-"
 
 Chunks = bytes | memoryview | Sequence[bytes | memoryview]
@@ -39,9 +40,22 @@ class SpoolError(OSError):
 
 
 def safe_name(uid: str) -> str:
-    """A UID as a file-name component: unsafe characters replaced, never empty or dot-only."""
-    name = _UNSAFE.sub("_", uid.strip())[:128]
-    return name if name.strip(".") else "_"
+    """A UID as one file-name component; injective (distinct UIDs never share a name).
+
+    Characters other than letters, digits, ``.`` and ``-`` (and a leading ``.``, which would hide
+    the file or clash with ``.tmp-``) become ``_XX`` per UTF-8 byte; ``_`` itself is escaped, so
+    ``1.2/3`` and ``1.2_3`` stay apart. Names over 128 characters keep a prefix and a SHA-256
+    after ``~``, which escaping never produces.
+    """
+    name = "".join(
+        c if c in _PLAIN and not (i == 0 and c == ".") else "".join(f"_{b:02X}" for b in c.encode())
+        for i, c in enumerate(uid)
+    )
+    if not name:
+        return "_"  # escaping never yields a lone underscore
+    if len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 65]}~{hashlib.sha256(uid.encode()).hexdigest()}"
+    return name
 
 
 def _fsync_dir(path: Path) -> None:

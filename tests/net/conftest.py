@@ -32,11 +32,12 @@ class Node:
         return self.scp.port
 
 
-def start_node(tmp_path: Path, **overrides) -> Node:
+def start_node(tmp_path: Path, db: AuditDB | None = None, **overrides) -> Node:
+    """``db``: an open audit database (e.g. a PostgreSQL test schema); default SQLite in ``tmp_path``."""
     overrides.setdefault("node", {})
     overrides["node"] = {"port": free_port(), **overrides["node"]}
     config = load_config(None, overrides)
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
+    db = db or AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
     spool = Spool(tmp_path / "spool")
     nudges: list[str] = []
     scp = StoreSCP(config, db, spool, on_instance=nudges.append)

@@ -10,7 +10,7 @@ from io import BytesIO
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -113,19 +113,23 @@ def test_short_pixel_data_cannot_be_understood(node, caplog):
     assert_refused(node, caplog, rsp.Status, (0xC000, 0xCFFF), "pixel data has")
 
 
+# Every Storage SOP class is accepted; a private one is not.
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.999.1"
+
+
 def test_unsupported_sop_class_context_is_rejected_and_audited(node, caplog):
     caplog.set_level(logging.WARNING)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(Verification)
-    ae.add_requested_context(RTDoseStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(PRIVATE_SOP_CLASS, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
     assert assoc.is_established
-    assert [str(c.abstract_syntax) for c in assoc.rejected_contexts] == [RTDoseStorage]
+    assert [str(c.abstract_syntax) for c in assoc.rejected_contexts] == [PRIVATE_SOP_CLASS]
     with pytest.raises(ValueError, match="presentation context"):
-        assoc.send_c_store(make_ct_with_class(RTDoseStorage))
+        assoc.send_c_store(make_ct_with_class(PRIVATE_SOP_CLASS))
     assoc.release()
     rows = rejections(node)
-    assert len(rows) == 1 and rows[0].sop_class_uid == RTDoseStorage and "not supported" in rows[0].reason
+    assert len(rows) == 1 and rows[0].sop_class_uid == PRIVATE_SOP_CLASS and "not supported" in rows[0].reason
     assert any("event=contexts_rejected" in r.getMessage() for r in caplog.records)
     still_serving(node)
 

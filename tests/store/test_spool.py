@@ -28,7 +28,19 @@ def test_unsafe_uids_cannot_escape(tmp_path):
     spool = Spool(tmp_path)
     path = spool.write_incoming(b"x", study_uid="../..", series_uid="a/b", sop_uid="..")
     assert spool.incoming in path.parents
-    assert safe_name("..") == "_" and safe_name("1.2/3") == "1.2_3"
+    assert safe_name("..") == "_2E." and safe_name("1.2/3") == "1.2_2F3" and safe_name("") == "_"
+
+
+def test_spool_names_are_injective(tmp_path):
+    # "...7/1" and "...7_1" once shared one file: the second patient's bytes replaced the first's.
+    uids = ["1.2.7/1", "1.2.7_1", "1.2.7_2F1", ".tmp-x", "_2Etmp-x", "1" * 200, "1" * 199 + "2", "", "_", "é", "_C3_A9"]
+    names = [safe_name(u) for u in uids]
+    assert len(set(names)) == len(uids)
+    assert all(0 < len(n) <= 128 and not n.startswith(".") and "/" not in n for n in names)
+    spool = Spool(tmp_path)
+    first = spool.write_incoming(b"first", study_uid="1", series_uid="2", sop_uid="1.2.7/1")
+    second = spool.write_incoming(b"second", study_uid="1", series_uid="2", sop_uid="1.2.7_1")
+    assert first != second and first.read_bytes() == b"first" and second.read_bytes() == b"second"
 
 
 def test_quarantine_keeps_bytes_and_reason(tmp_path):
