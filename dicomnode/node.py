@@ -85,6 +85,7 @@ class Node:
         aps = logging.getLogger("apscheduler")
         if aps.level == logging.NOTSET:
             aps.setLevel(logging.WARNING)
+        self.clean_leftovers()
         self.worker.start()
         counts = recover(self.db, self.worker)
         self._scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1})
@@ -106,6 +107,18 @@ class Node:
             raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         log.info("event=node_started ae_title=%s host=%s port=%d requeued=%d resent=%d", self.config.node.ae_title,
                  self.config.node.host, self.config.node.port, counts["requeued"], counts["resend"])
+
+    def clean_leftovers(self) -> None:
+        """Before anything writes: drop temporary files and the outbox of jobs that will run again."""
+        from sqlalchemy import select
+
+        from dicomnode.audit.models import Job, JobState
+
+        wanted = (JobState.encoded, JobState.sending, JobState.done, JobState.failed)
+        with self.db.session() as session:
+            keep = set(session.scalars(select(Job.id).where(Job.state.in_(wanted))).all())
+        report = self.spool.clean_leftovers(keep)
+        log.info("event=spool_leftovers_removed tmp_files=%d outbox_files=%d", report.tmp_files, report.outbox_files)
 
     def stop(self) -> None:
         """Stop accepting, finish the job in hand, stop timers, close the database."""

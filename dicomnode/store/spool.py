@@ -154,6 +154,14 @@ class PurgeReport:
     bytes: int
 
 
+@dataclass(frozen=True)
+class LeftoverReport:
+    """What ``clean_leftovers`` removed: temporary files, and files of outbox folders no job needs."""
+
+    tmp_files: int
+    outbox_files: int
+
+
 class Spool:
     """Files of the node under one root directory (see the module docstring for the layout)."""
 
@@ -220,6 +228,25 @@ class Spool:
                 except FileNotFoundError:
                     continue
         return PurgeReport(files, size)
+
+    def clean_leftovers(self, keep_jobs: set[int]) -> LeftoverReport:
+        """Remove what a killed process left behind; call before anything writes to the spool.
+
+        ``.tmp-`` files are writes that never reached their rename. An outbox folder whose job is
+        not in ``keep_jobs`` (the jobs whose outputs are still wanted) holds a half-written run:
+        the job is processed again from its inputs.
+        """
+        tmp_files = 0
+        for path in self.root.rglob(f"{_TMP_PREFIX}*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                tmp_files += 1
+        outbox_files = 0
+        for folder in self.outbox.iterdir():
+            if folder.is_dir() and not (folder.name.isdigit() and int(folder.name) in keep_jobs):
+                outbox_files += sum(1 for p in folder.rglob("*") if p.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        return LeftoverReport(tmp_files, outbox_files)
 
     def remove_tree(self, path: Path) -> None:
         """Remove a folder inside the spool (e.g. a finished job's outbox)."""

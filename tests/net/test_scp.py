@@ -133,7 +133,8 @@ def test_undecodable_compressed_pixels_are_rejected(node, shared_data):
     assoc = associate(node, (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
     rsp = assoc.send_c_store(ds)
     assoc.release()
-    assert 0xC000 <= rsp.Status <= 0xCFFF
+    assert rsp.Status == 0xC001  # understood as a data set; its pixel data cannot be decoded
+    assert str(rsp.ErrorComment).startswith("pixel data cannot be decoded")
     with node.db.session() as s:
         assert s.scalar(select(Instance.id)) is None
         assert s.scalars(select(Rejection)).one().status == rsp.Status
