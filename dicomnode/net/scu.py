@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +52,8 @@ class SendReport:
     sent: int
     seconds: float
     statuses: dict[str, int] = field(default_factory=dict)
+    # (file, why) of what the peer refused, when the send was asked to skip refusals.
+    skipped: tuple[tuple[Path, str], ...] = ()
 
 
 def client_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext:
@@ -92,8 +95,12 @@ def send_files(
     timeout_s: float,
     tls: TLSConfig | None = None,
     max_pdu: int = 131072,
+    skip_refused: bool = False,
 ) -> SendReport:
     """C-STORE ``files`` to ``dest`` on one association; raises ``SendFailed`` unless all are stored.
+
+    ``skip_refused``: a file whose presentation context the peer rejected, or that it answered
+    with a failure status, is listed in ``SendReport.skipped`` and the send goes on.
 
     Presentation contexts are the files' own (SOP class, transfer syntax) pairs, so files are sent
     as stored, never transcoded. Warning statuses (0xB000/B006/B007) count as stored.
@@ -128,8 +135,13 @@ def send_files(
         what = "rejected by the peer" if assoc.is_rejected else "failed (peer unreachable, or aborted during negotiation)"
         raise SendFailed(f"association to {dest.ae_title}@{dest.host}:{dest.port} {what}")
     statuses: dict[str, int] = {}
+    skipped: list[tuple[Path, str]] = []
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
-        for path, _sop_class, sop_uid, _syntax in entries:
+        for path, sop_class, sop_uid, syntax in entries:
+            if skip_refused and (sop_class, syntax) not in accepted:
+                skipped.append((path, f"the peer accepted no presentation context for {_sop_class_name(sop_class)} in {syntax}"))
+                continue
             status_ds = assoc.send_c_store(path)
             status = int(getattr(status_ds, "Status", -1)) if status_ds is not None else -1
             statuses[sop_uid] = status
@@ -137,12 +149,20 @@ def send_files(
                 raise SendFailed(f"no C-STORE response from {dest.ae_title} for {path.name} (timeout or abort)")
             if status != 0x0000 and status not in _STORED_WITH_WARNING:
                 comment = str(getattr(status_ds, "ErrorComment", "") or "")
-                raise SendFailed(f"{dest.ae_title} answered 0x{status:04X} for {path.name} {comment}".rstrip())
+                refusal = f"{dest.ae_title} answered 0x{status:04X} for {path.name} {comment}".rstrip()
+                if not skip_refused:
+                    raise SendFailed(refusal)
+                skipped.append((path, refusal))
         assoc.release()
     except BaseException:
         assoc.abort()
         raise
-    return SendReport(dest.name, len(entries), time.perf_counter() - started, statuses)
+    return SendReport(dest.name, len(entries) - len(skipped), time.perf_counter() - started, statuses, tuple(skipped))
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
 
 
 def retry_delay(attempts: int, initial_s: float, backoff: float, max_s: float) -> float:
@@ -278,10 +298,15 @@ def send_command(args) -> int:
     files = _collect(args.paths)
     dest = Destination(name="cli", ae_title=args.ae, host=args.host, port=args.port)
     try:
-        report = send_files(dest, files, calling_ae=args.calling_ae, timeout_s=30.0)
+        report = send_files(dest, files, calling_ae=args.calling_ae, timeout_s=30.0, skip_refused=True)
     except SendFailed as exc:
         print(f"send failed: {exc}")
         return 1
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}")
     rate = report.sent / report.seconds if report.seconds > 0 else 0.0
     print(f"sent {report.sent} instances to {args.ae}@{args.host}:{args.port} in {report.seconds:.2f} s ({rate:.0f}/s)")
+    if report.skipped:
+        print(f"{len(report.skipped)} files skipped: the peer refused them")
+        return 2
     return 0
