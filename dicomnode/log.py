@@ -2,7 +2,8 @@
 
 A line in ``kv`` format reads ``2024-05-01T12:00:00.123Z INFO dicomnode.net.scp event=stored
 series=1.2.3 size=524288``. Values with spaces, quotes or ``=`` are double-quoted. Patient
-identifiers are logged only at DEBUG (callers pass them only in DEBUG events).
+identifiers are logged only at DEBUG (callers pass them only in DEBUG events); Python warnings
+from libraries, which quote header values, are logged at DEBUG only.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _LibraryWarningsToDebug(logging.Filter):
+    """Python warnings (``py.warnings``) only at DEBUG: pydicom and highdicom quote the values they
+    warn about (a one-word PatientName in full, raw header bytes), so at INFO they would leak
+    patient identifiers into the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(cfg: LoggingConfig) -> None:
     """Send all logs to stderr in ``cfg.format`` at ``cfg.level``; idempotent."""
     root = logging.getLogger()
@@ -92,6 +103,13 @@ def setup_logging(cfg: LoggingConfig) -> None:
     handler.setFormatter(JsonFormatter() if cfg.format == "json" else KeyValueFormatter())
     root.addHandler(handler)
     root.setLevel(cfg.level)
+    # Warnings go through logging (not straight to stderr), demoted to DEBUG.
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _LibraryWarningsToDebug) for f in warnings_logger.filters):
+        warnings_logger.addFilter(_LibraryWarningsToDebug())
+    # highdicom logs what it coerces with the values; keep it to errors unless we debug the node.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.ERROR)
     # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless we debug the node.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if cfg.level == "DEBUG" else logging.WARNING)
     # Alembic narrates every migration step at INFO; an upgrade is worth one line from us, not ten.
