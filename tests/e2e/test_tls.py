@@ -139,25 +139,30 @@ def test_idle_connection_does_not_stall_tls_and_times_out(tmp_path, pki):
     # pynetdicom handshakes in its accept loop without a timeout: one silent TCP client used to
     # block every later association on the TLS port.
     scp = _tls_node(tmp_path, pki, True, handshake_timeout_s=3)
-    idle = socket.create_connection(("127.0.0.1", scp.port))
+    idle = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(5)]
     try:
-        time.sleep(0.2)  # the node has accepted it and waits for a ClientHello
+        time.sleep(0.2)  # the node has accepted them and waits for a ClientHello
         assert _tls_echo(scp, pki) < 2.0
-        # The silent client is cut off after the handshake timeout, and audited.
-        idle.settimeout(30)
-        assert idle.recv(1) == b""
+        # The silent clients are cut off after the handshake timeout, and audited.
+        for sock in idle:
+            sock.settimeout(30)
+            assert sock.recv(1) == b""
 
         def refused() -> list[Association]:
             with scp.db.session() as s:
                 return s.scalars(select(Association).where(Association.accepted.is_(False))).all()
 
         deadline = time.monotonic() + 30
-        while not refused() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             time.sleep(0.05)
+            if len(refused()) == len(idle):
+                break
         rows = refused()
-        assert len(rows) == 1 and rows[0].reason == "TLS handshake timed out" and rows[0].peer_host == "127.0.0.1"
+        assert len(rows) == len(idle)
+        assert {(r.reason, r.peer_host) for r in rows} == {("TLS handshake timed out", "127.0.0.1")}
         assert _tls_echo(scp, pki) < 2.0
     finally:
-        idle.close()
+        for sock in idle:
+            sock.close()
         scp.stop()
         scp.db.close()
