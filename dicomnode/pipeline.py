@@ -124,6 +124,13 @@ def warm_up() -> None:
     import dicomnode.quality.metrics  # noqa: F401
 
 
+def series_identity(ref: SeriesRef):
+    """The identity every file of a job's series must carry (``dicomnode.identity.Identity``)."""
+    from dicomnode.identity import Identity
+
+    return Identity(ref.study_uid, ref.series_uid, ref.patient_id, ref.patient_name, ref.birth_date)
+
+
 def process_job(inputs: JobInputs) -> ProcessingOutput:
     """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module)."""
     watch = Stopwatch()
@@ -145,8 +152,8 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
 
     cfg = inputs.config
     with watch.stage("load"):
-        fixed = load_series(inputs.fixed_files)
-        moving = load_series(inputs.moving_files)
+        fixed = load_series(inputs.fixed_files, expect=series_identity(inputs.fixed))
+        moving = load_series(inputs.moving_files, expect=series_identity(inputs.moving))
     with watch.stage("register"):
         reg = register_volumes(fixed, moving, cfg.registration)
     with watch.stage("resample"):
