@@ -75,6 +75,8 @@ class Node:
         # Completion + pairing run from the timer and from association threads; one at a time.
         self._pairing_lock = threading.Lock()
         self._send_lock = threading.Lock()
+        # Stable age counts from here at the earliest: an outage never completes a series early.
+        self._up_since: datetime | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +87,7 @@ class Node:
         aps = logging.getLogger("apscheduler")
         if aps.level == logging.NOTSET:
             aps.setLevel(logging.WARNING)
+        self._up_since = datetime.now(timezone.utc)
         self.worker.start()
         counts = recover(self.db, self.worker)
         self._scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1})
@@ -128,8 +131,8 @@ class Node:
     def _on_instance(self, series_uid: str) -> None:
         """Per stored instance (association thread): complete at once when the expected count arrived.
 
-        An instance for a series already complete is stored and audited but is not part of the
-        job made from that series: it is logged as ``late_instance`` for the administrator.
+        An instance for a series already complete reopened it at receive (``series_reopened``):
+        the grown series completes again and is paired as a new job.
         """
         new_jobs: list = []
         try:
@@ -139,9 +142,7 @@ class Node:
             if progress is None:
                 return
             if progress.state == SeriesState.complete:
-                log.warning("event=late_instance series_uid=%s received=%d note=\"series already complete\"",
-                            series_uid, progress.received_count)
-                return
+                return  # completed by a racing check after this instance reopened it
             if not (self.config.completion.use_expected_count and progress.expected_reached):
                 return
             with self._pairing_lock, self.db.session() as session:
@@ -157,7 +158,8 @@ class Node:
         new_jobs: list = []
         with self._pairing_lock, self.db.session() as session:
             done = complete_due_series(session, self.config.completion,
-                                       on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)))
+                                       on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)),
+                                       up_since=self._up_since)
         self._submit(new_jobs)
         return done
 
