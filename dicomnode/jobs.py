@@ -167,6 +167,8 @@ def record_output(session: Session, job: Job, out: ProcessingOutput) -> None:
     job.timings = dict(out.timings)
     job.registration = dict(out.registration)
     job.outputs = {"series": [s.describe() for s in out.series]}
+    if out.input_changes:  # values only here, in the audit row: the log line says how many
+        job.outputs["input_changes"] = list(out.input_changes)
     rows = [(index, values) for index, values in enumerate(out.per_slice)] + [(None, out.summary)]
     for index, values in rows:
         session.add_all(Metric(job_id=job.id, slice_index=index, name=k, value=float(v))
@@ -393,8 +395,10 @@ class JobWorker:
         with self.db.session() as session:
             job = session.get(Job, job_id)
             record_output(session, job, out)
+            changed = f" input_changes={len(out.input_changes)}" if out.input_changes else ""
             transition(session, job, JobState.encoded,
-                       f"series={len(out.series)} instances={sum(len(s.files) for s in out.series)} seconds={seconds:.2f}")
+                       f"series={len(out.series)} instances={sum(len(s.files) for s in out.series)} "
+                       f"seconds={seconds:.2f}{changed}")
         self.queue_sends(job_id)
 
     def queue_sends(self, job_id: int) -> None:
