@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import SeriesState
-from dicomnode.audit.retention import purge_audit
+from dicomnode.audit.retention import mark_purged_instances, purge_audit
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
@@ -210,11 +210,17 @@ class Node:
                      days, report.jobs, report.series, report.instances, report.rejections, report.associations)
 
     def purge_spool(self) -> None:
-        """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent)."""
+        """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent).
+
+        Instance rows whose file went get ``purged_at``, so the audit says the file is gone.
+        """
         days = self.config.retention.spool_days
         report = self.spool.purge_older_than(days)
-        if report.files:
-            log.info("event=retention_purge days=%d files=%d bytes=%d", days, report.files, report.bytes)
+        with self.db.session() as session:
+            marked = mark_purged_instances(session, days)
+        if report.files or marked:
+            log.info("event=retention_purge days=%d files=%d bytes=%d instances_marked=%d", days, report.files,
+                     report.bytes, marked)
 
 
 def serve_command(args) -> int:
