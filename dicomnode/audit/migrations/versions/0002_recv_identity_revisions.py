@@ -45,7 +45,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_constraint('uq_jobs_pair_revision', type_='unique')
-        batch_op.create_unique_constraint('uq_jobs_pair', list(OLD_PAIR))
+        batch_op.create_unique_constraint('uq_jobs_rule_fixed_series_uid_moving_series_uid', list(OLD_PAIR))
         batch_op.drop_column('moving_revision')
         batch_op.drop_column('fixed_revision')
     with op.batch_alter_table('instances', schema=None) as batch_op:
