@@ -28,9 +28,11 @@ __all__ = [
     "DEFAULT_SERIES_METRICS",
     "MetricInfo",
     "MetricOptions",
+    "CONVENTIONS",
     "SeriesQuality",
     "MetricInputError",
     "compute_metrics",
+    "convention_options",
     "score_series",
     "to_luminance",
     "round_half_away",
@@ -68,6 +70,22 @@ class MetricOptions:
                 raise MetricInputError(f"{key} must be one of {allowed}, not {value!r}")
         if isinstance(self.psnr_peak, str) and self.psnr_peak != "max":
             raise MetricInputError("psnr_peak must be a number or 'max'")
+
+
+# Named sets of MetricOptions, so tables compare with published ones. "dicomnode" is the default;
+# "cddfuse" is CDDFuse's (CVPR 2023) evaluation: MI in nats (sklearn's mutual_info_score on 8-bit
+# images), SSIM and VIFp summed over the two sources, grey images as BT.601 luma in 8 bits.
+CONVENTIONS: dict[str, dict[str, object]] = {
+    "dicomnode": {},
+    "cddfuse": {"mi_unit": "nats", "ssim_combine": "sum", "vif_combine": "sum", "round_fused": True, "round_luma": True},
+}
+
+
+def convention_options(name: str) -> dict[str, object]:
+    """The MetricOptions fields of a named convention; MetricInputError for an unknown name."""
+    if name not in CONVENTIONS:
+        raise MetricInputError(f"unknown conventions {name!r}; known: {', '.join(CONVENTIONS)}")
+    return dict(CONVENTIONS[name])
 
 
 class _Scoring:
@@ -178,6 +196,7 @@ _COMPUTE: dict[str, Callable[[_Scoring], float]] = {
     "EPI": lambda s: s.epi(),
     "FSIM": lambda s: s.fsim(),
     "DFRS": _dfrs,
+    "Kept": lambda s: basic.functional_kept(s.a, s.b, s.f),
 }
 
 METRICS: dict[str, MetricInfo] = {n: MetricInfo(n, DIRECTIONS[n], _COMPUTE[n]) for n in METRIC_NAMES}
