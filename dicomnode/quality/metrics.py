@@ -315,7 +315,8 @@ def score_series(
     compute_metrics on each slice to rounding.
     """
     chosen = _names(DEFAULT_SERIES_METRICS if names is None else names)
-    a, b, f = (np.asarray(v, dtype=np.float64) for v in (a, b, f))
+    # Only the slices scored are converted to float64: a whole-body series is never copied whole.
+    a, b, f = (np.asarray(v) for v in (a, b, f))
     if a.ndim != 3 or not a.shape == b.shape == f.shape:
         raise MetricInputError(f"series must be (N, H, W) of one shape, got {a.shape}, {b.shape}, {f.shape}")
     if max_slices < 0:
@@ -332,8 +333,9 @@ def score_series(
         step = max(1, _STACK_PIXELS // max(1, a[0].size))
         for lo in range(0, scored_idx.size, step):
             idx = scored_idx[lo : lo + step]
-            fi = np.clip(round_half_away(f[idx]), 0, 255) if opts.round_fused else f[idx]
-            values = _score_stack(a[idx], b[idx], fi, stacked, opts)
+            ai, bi, fi = (np.asarray(v[idx], dtype=np.float64) for v in (a, b, f))
+            fi = np.clip(round_half_away(fi), 0, 255) if opts.round_fused else fi
+            values = _score_stack(ai, bi, fi, stacked, opts)
             for m in stacked:
                 table[idx, chosen.index(m)] = values[m]
     if per_slice_names:
