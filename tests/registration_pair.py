@@ -14,6 +14,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -96,3 +97,20 @@ def write_case(case: RegistrationCase, out_dir: Path) -> dict[str, list[Path]]:
         "MR": write_series(case.moving, out_dir / "MR", templates["MR"], study_uid=study_uid, series_number=5,
                            description="REGISTRATION CASE MR T1"),
     }
+
+
+@pytest.fixture
+def registrations(monkeypatch) -> list:
+    """Every ``Registration`` the pipeline computes (the real function runs; its result is kept)."""
+    import dicomnode.imaging.register as register
+
+    seen: list = []
+    real = register.register_volumes
+
+    def recording(fixed, moving, config):
+        result = real(fixed, moving, config)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(register, "register_volumes", recording)
+    return seen

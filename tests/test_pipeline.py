@@ -22,29 +22,12 @@ from dicomnode.routing import SeriesRef
 from dicomnode.store.spool import Spool
 from dicomnode.testing.deform import score
 from tests.conftest import require
-from tests.registration_pair import FAST_REGISTRATION, cropped_mni, ct_mr_case, write_case
+from tests.registration_pair import FAST_REGISTRATION, cropped_mni, ct_mr_case, registrations, write_case  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def case(shared_data):
     return ct_mr_case(cropped_mni(shared_data / "nifti" / "mni152_icbm2009a_nilearn"))
-
-
-@pytest.fixture
-def registrations(monkeypatch) -> list:
-    """Every ``Registration`` the pipeline computes (the real function runs; its result is kept)."""
-    import dicomnode.imaging.register as register
-
-    seen: list = []
-    real = register.register_volumes
-
-    def recording(fixed, moving, config):
-        result = real(fixed, moving, config)
-        seen.append(result)
-        return result
-
-    monkeypatch.setattr(register, "register_volumes", recording)
-    return seen
 
 
 def _ref(files, calling_ae: str = "MODALITY") -> SeriesRef:
