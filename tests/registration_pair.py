@@ -25,7 +25,7 @@ from dicomnode.testing.deform import RegistrationCase, Sources, make_case, mni_s
 from dicomnode.testing.study import synthetic_datasets
 
 PATIENT_ID = "DN-REG-001"
-# Small volumes, few samples: ~30 s on two busy cores, mean TRE ~1.7 mm. The deformable stage
+# Small volumes, few samples: registration ~25 s on two busy cores, mean TRE ~1.6 mm. The deformable stage
 # runs on these ~3 mm voxels only because its gate is opened to 3 mm here.
 FAST_REGISTRATION = dict(deformable_levels_mm=[2.5], deformable_max_level_mm=3.0, samples_per_level=10000,
                          deformable_samples_per_level=8000, heldout_samples=15000, deformable_iterations=12)
