@@ -1,6 +1,7 @@
 """Fusion quality of the network against the classical baselines on the held-out AANLIB cases.
 
 Usage: python benchmarks/fusion_quality.py [--weights models/fusion_net.pt] [--stride 1] [--card]
+       python benchmarks/fusion_quality.py --conventions cddfuse   (the table against CDDFuse's published one)
 Scores Qabf, VIF, MI, SSIM, FMI_pixel on luminance (dicomnode.quality.metrics conventions) for
 every validation pair (every ``stride``-th with --stride), prints a markdown table per task and the
 share of the functional image's excess each method keeps, and with --card rewrites the model card
@@ -16,11 +17,27 @@ from pathlib import Path
 import torch
 
 from dicomnode.fusion.datasets import load_training_data, split_by_case
-from dicomnode.fusion.evaluate import evaluate_methods, markdown_table, wins, write_model_card
+from dicomnode.fusion.evaluate import dominated_by, evaluate_methods, markdown_table, wins, write_model_card
 from dicomnode.fusion.network import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CT-MRI", "PET-MRI", "SPECT-MRI")
+# CDDFuse (Zhao et al., CVPR 2023), its MIF test set, its own conventions: MI / VIF / Qabf / SSIM.
+CDDFUSE = {"CT-MRI": (2.61, 0.61, 0.68, 1.34), "PET-MRI": (2.03, 0.71, 0.71, 1.49), "SPECT-MRI": (2.49, 0.97, 0.78, 1.48)}
+PUBLISHED = ("MI", "VIF", "Qabf", "SSIM")
+
+
+def published_table(table: dict) -> str:
+    """Network and best baseline per task beside CDDFuse's published values (higher is better on all four)."""
+    lines = ["| task | method | " + " | ".join(PUBLISHED) + " | at least CDDFuse |", "|---|---|" + "---|" * (len(PUBLISHED) + 1)]
+    for task in sorted(table):
+        theirs = dict(zip(PUBLISHED, CDDFUSE[task]))
+        lines.append(f"| {task} | CDDFuse (published) | " + " | ".join(f"{v:.2f}" for v in CDDFUSE[task]) + " | |")
+        for method, values in table[task].items():
+            ok = [m for m in PUBLISHED if values[m] >= theirs[m]]
+            lines.append(f"| {task} | {method} | " + " | ".join(f"{values[m]:.3f}" for m in PUBLISHED)
+                         + f" | {len(ok)}/4 ({', '.join(ok) or 'none'}) |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -30,18 +47,26 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=1, help="score every n-th validation pair")
     parser.add_argument("--card", action="store_true", help="rewrite MODEL_CARD.md beside the weights")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    parser.add_argument("--conventions", default="dicomnode", choices=["dicomnode", "cddfuse"],
+                        help="cddfuse: score with CDDFuse's conventions and print the published comparison")
     args = parser.parse_args()
     torch.set_num_threads(2)
     _, val = split_by_case(load_training_data([args.data / t for t in TASKS]))
     val = val[:: args.stride]
     model = load_model(args.weights)
-    evaluation = evaluate_methods(val, model)
+    metrics = ("Qabf", "VIF", "MI", "SSIM", "FMI_pixel", "Kept")
+    evaluation = evaluate_methods(val, model, metrics=metrics, conventions=args.conventions)
     table = evaluation.metrics
+    if args.conventions == "cddfuse":
+        print(f"validation pairs scored: {len(val)} (CDDFuse conventions)\n")
+        print(published_table(table))
+        return
     print(f"validation pairs scored: {len(val)}\n")
     print(markdown_table(table))
     for task, rows in sorted(table.items()):
-        print(f"{task}: network best on {len(wins(rows))}/5 ({', '.join(wins(rows))})")
-    print("\nShare of the moving image's excess over the fixed one kept where B > A + 0.1 (1 = all):")
+        print(f"{task}: network best on {len(wins(rows))}/{len(metrics)} ({', '.join(wins(rows))}); "
+              f"dominated by: {', '.join(dominated_by(rows)) or 'none'}")
+    print("\nKept: share of the moving image's excess over the fixed one shown where B > A + 25.5 (1 = all):")
     for task, rows in sorted(evaluation.kept.items()):
         print(f"{task}: " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     if args.json:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", type=Path)
     p.add_argument("f", type=Path)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--conventions", default="dicomnode", choices=["dicomnode", "cddfuse"],
+                   help="metric conventions: this project's (default) or CDDFuse's published ones")
 
     p = sub.add_parser("bench", help="compare fusion methods on a data set with paired statistics")
     p.add_argument("data", type=Path, nargs="+", help="folders of registered pairs")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction", default="holm", choices=["holm", "bonferroni"])
     p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--conventions", default="dicomnode", choices=["dicomnode", "cddfuse"],
+                   help="metric conventions: this project's (default) or CDDFuse's published ones")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("audit", help="recent jobs, series, sends and rejections")

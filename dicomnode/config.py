@@ -319,6 +319,19 @@ class Config(_Section):
                 raise ValueError(f"pairing rule {rule.label} names unknown destinations {sorted(unknown)}")
         return self
 
+    @model_validator(mode="after")
+    def _retention_keeps_pairable_series(self) -> Config:
+        # Spool files go by age; a patient rule pairs across studies up to max_days apart, so a
+        # series must outlive that window or its partner's job would find it deleted.
+        days = self.retention.spool_days
+        for rule in self.pairing:
+            if rule.match == "patient" and 0 < days <= rule.max_days:
+                raise ValueError(
+                    f"retention.spool_days = {days} would delete received series that pairing rule {rule.label} "
+                    f"(match = \"patient\", max_days = {rule.max_days}) can still pair: set spool_days to at "
+                    f"least {rule.max_days + 1}, or 0 to keep spool files forever")
+        return self
+
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:
             if dest.name == name:

@@ -80,12 +80,17 @@ def _quote(text: str | None) -> str:
 
 
 def create_job(session: Session, pairing: Pairing, method: str) -> Job | None:
-    """The ``paired`` job for ``pairing``; None when that pair was already made (idempotent)."""
+    """The ``paired`` job for ``pairing``; None when that pair, at these series revisions, was already made.
+
+    A series reopened by late instances has a new revision, so the grown series is fused again.
+    """
     exists = session.scalars(
         select(Job.id).where(
             Job.rule == pairing.rule.label,
             Job.fixed_series_uid == pairing.fixed.series_uid,
             Job.moving_series_uid == pairing.moving.series_uid,
+            Job.fixed_revision == pairing.fixed.revision,
+            Job.moving_revision == pairing.moving.revision,
         )
     ).first()
     if exists is not None:
@@ -94,11 +99,15 @@ def create_job(session: Session, pairing: Pairing, method: str) -> Job | None:
         rule=pairing.rule.label,
         fixed_series_uid=pairing.fixed.series_uid,
         moving_series_uid=pairing.moving.series_uid,
+        fixed_revision=pairing.fixed.revision,
+        moving_revision=pairing.moving.revision,
         study_uid=pairing.fixed.study_uid,
         method=method,
     )
+    revisions = (f" fixed_revision={pairing.fixed.revision} moving_revision={pairing.moving.revision}"
+                 if pairing.fixed.revision or pairing.moving.revision else "")
     transition(session, job, JobState.paired,
-               f"rule={pairing.rule.label} fixed={pairing.fixed.modality} moving={pairing.moving.modality}")
+               f"rule={pairing.rule.label} fixed={pairing.fixed.modality} moving={pairing.moving.modality}{revisions}")
     return job
 
 
@@ -122,12 +131,24 @@ def destinations_for(config: Config, rule: PairingRule, fixed_calling_ae: str) -
     return (dest.name,)
 
 
+class InputsUnusable(Exception):
+    """A job's input series cannot be used (identity conflict, files deleted by retention)."""
+
+
 def series_files(session: Session, spool_root: Path, series_uid: str) -> list[Path]:
-    """Spool paths of the received instances of one series (relative paths are under the spool)."""
-    paths = session.scalars(
-        select(Instance.spool_path).join(Series, Instance.series_id == Series.id).where(Series.series_uid == series_uid)
+    """Spool paths of the received instances of one series (relative paths are under the spool).
+
+    Raises InputsUnusable when retention has deleted some of them: a partial series is never fused.
+    """
+    rows = session.execute(
+        select(Instance.spool_path, Instance.purged_at).join(Series, Instance.series_id == Series.id)
+        .where(Series.series_uid == series_uid)
     ).all()
-    return sorted(_spool_file(Path(p), spool_root) for p in paths)
+    purged = [r.purged_at for r in rows if r.purged_at is not None]
+    if purged:
+        raise InputsUnusable(f"{len(purged)} of {len(rows)} instances of series {series_uid} were deleted by "
+                             f"spool retention (first on {min(purged):%Y-%m-%d}); send the series again")
+    return sorted(_spool_file(Path(r.spool_path), spool_root) for r in rows)
 
 
 def _spool_file(path: Path, spool_root: Path) -> Path:
@@ -146,6 +167,8 @@ def record_output(session: Session, job: Job, out: ProcessingOutput) -> None:
     job.timings = dict(out.timings)
     job.registration = dict(out.registration)
     job.outputs = {"series": [s.describe() for s in out.series]}
+    if out.input_changes:  # values only here, in the audit row: the log line says how many
+        job.outputs["input_changes"] = list(out.input_changes)
     rows = [(index, values) for index, values in enumerate(out.per_slice)] + [(None, out.summary)]
     for index, values in rows:
         session.add_all(Metric(job_id=job.id, slice_index=index, name=k, value=float(v))
@@ -338,8 +361,14 @@ class JobWorker:
             try:
                 rule = rule_for(self.config, job.rule)
                 fixed = _series_ref(session, job.fixed_series_uid)
+                moving = _series_ref(session, job.moving_series_uid)
                 destinations_for(self.config, rule, fixed.calling_ae)
-            except (LookupError, NoDestination) as exc:
+                for ref in (fixed, moving):
+                    if ref.identity_conflict:  # flagged after the pair was made
+                        raise InputsUnusable(f"series {ref.series_uid}: {ref.identity_conflict}")
+                fixed_files = series_files(session, self.spool.root, job.fixed_series_uid)
+                moving_files = series_files(session, self.spool.root, job.moving_series_uid)
+            except (LookupError, NoDestination, InputsUnusable) as exc:
                 transition(session, job, JobState.failed, str(exc))
                 return
             transition(session, job, JobState.processing, f"method={job.method}")
@@ -348,9 +377,9 @@ class JobWorker:
                 rule=rule,
                 method=job.method,
                 fixed=fixed,
-                moving=_series_ref(session, job.moving_series_uid),
-                fixed_files=series_files(session, self.spool.root, job.fixed_series_uid),
-                moving_files=series_files(session, self.spool.root, job.moving_series_uid),
+                moving=moving,
+                fixed_files=fixed_files,
+                moving_files=moving_files,
                 config=self.config,
                 spool=self.spool,
             )
@@ -366,8 +395,10 @@ class JobWorker:
         with self.db.session() as session:
             job = session.get(Job, job_id)
             record_output(session, job, out)
+            changed = f" input_changes={len(out.input_changes)}" if out.input_changes else ""
             transition(session, job, JobState.encoded,
-                       f"series={len(out.series)} instances={sum(len(s.files) for s in out.series)} seconds={seconds:.2f}")
+                       f"series={len(out.series)} instances={sum(len(s.files) for s in out.series)} "
+                       f"seconds={seconds:.2f}{changed}")
         self.queue_sends(job_id)
 
     def queue_sends(self, job_id: int) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import SeriesState
-from dicomnode.audit.retention import purge_audit
+from dicomnode.audit.retention import mark_purged_instances, purge_audit
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
@@ -75,6 +75,8 @@ class Node:
         # Completion + pairing run from the timer and from association threads; one at a time.
         self._pairing_lock = threading.Lock()
         self._send_lock = threading.Lock()
+        # Stable age counts from here at the earliest: an outage never completes a series early.
+        self._up_since: datetime | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +87,7 @@ class Node:
         aps = logging.getLogger("apscheduler")
         if aps.level == logging.NOTSET:
             aps.setLevel(logging.WARNING)
+        self._up_since = datetime.now(timezone.utc)
         self.clean_leftovers()
         self.worker.start()
         counts = recover(self.db, self.worker)
@@ -141,8 +144,8 @@ class Node:
     def _on_instance(self, series_uid: str) -> None:
         """Per stored instance (association thread): complete at once when the expected count arrived.
 
-        An instance for a series already complete is stored and audited but is not part of the
-        job made from that series: it is logged as ``late_instance`` for the administrator.
+        An instance for a series already complete reopened it at receive (``series_reopened``):
+        the grown series completes again and is paired as a new job.
         """
         new_jobs: list = []
         try:
@@ -152,9 +155,7 @@ class Node:
             if progress is None:
                 return
             if progress.state == SeriesState.complete:
-                log.warning("event=late_instance series_uid=%s received=%d note=\"series already complete\"",
-                            series_uid, progress.received_count)
-                return
+                return  # completed by a racing check after this instance reopened it
             if not (self.config.completion.use_expected_count and progress.expected_reached):
                 return
             with self._pairing_lock, self.db.session() as session:
@@ -170,7 +171,8 @@ class Node:
         new_jobs: list = []
         with self._pairing_lock, self.db.session() as session:
             done = complete_due_series(session, self.config.completion,
-                                       on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)))
+                                       on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)),
+                                       up_since=self._up_since)
         self._submit(new_jobs)
         return done
 
@@ -221,11 +223,17 @@ class Node:
                      days, report.jobs, report.series, report.instances, report.rejections, report.associations)
 
     def purge_spool(self) -> None:
-        """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent)."""
+        """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent).
+
+        Instance rows whose file went get ``purged_at``, so the audit says the file is gone.
+        """
         days = self.config.retention.spool_days
         report = self.spool.purge_older_than(days)
-        if report.files:
-            log.info("event=retention_purge days=%d files=%d bytes=%d", days, report.files, report.bytes)
+        with self.db.session() as session:
+            marked = mark_purged_instances(session, days)
+        if report.files or marked:
+            log.info("event=retention_purge days=%d files=%d bytes=%d instances_marked=%d", days, report.files,
+                     report.bytes, marked)
 
 
 def serve_command(args) -> int:

@@ -65,6 +65,8 @@ class ProcessingOutput:
     per_slice: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     quality_failures: list[str] = field(default_factory=list)  # metric names worse than their threshold
+    # Source values the node had to change to encode legal outputs (e.g. a nonstandard PatientSex).
+    input_changes: list[str] = field(default_factory=list)
 
 
 class Stopwatch:
@@ -124,6 +126,13 @@ def warm_up() -> None:
     import dicomnode.quality.metrics  # noqa: F401
 
 
+def series_identity(ref: SeriesRef):
+    """The identity every file of a job's series must carry (``dicomnode.identity.Identity``)."""
+    from dicomnode.identity import Identity
+
+    return Identity(ref.study_uid, ref.series_uid, ref.patient_id, ref.patient_name, ref.birth_date)
+
+
 def process_job(inputs: JobInputs) -> ProcessingOutput:
     """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module)."""
     watch = Stopwatch()
@@ -133,6 +142,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     import SimpleITK as sitk
     import torch
 
+    from dicomnode.dicomio.derived import normalise_patient_sex
     from dicomnode.dicomio.parametric_map import build_parametric_map
     from dicomnode.dicomio.secondary_capture import build_fused_series
     from dicomnode.fusion.api import fuse
@@ -145,8 +155,9 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
 
     cfg = inputs.config
     with watch.stage("load"):
-        fixed = load_series(inputs.fixed_files)
-        moving = load_series(inputs.moving_files)
+        fixed = load_series(inputs.fixed_files, expect=series_identity(inputs.fixed))
+        moving = load_series(inputs.moving_files, expect=series_identity(inputs.moving))
+        input_changes = normalise_patient_sex([*fixed.headers, *moving.headers])
     with watch.stage("register"):
         reg = register_volumes(fixed, moving, cfg.registration)
     with watch.stage("resample"):
@@ -208,4 +219,5 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         per_slice=[dict(d) for d in quality.per_slice],
         summary=dict(quality.summary),
         quality_failures=failures,
+        input_changes=input_changes,
     )

@@ -4,7 +4,9 @@ When a series completes, its partners are looked up among the complete series: s
 StudyInstanceUID (rule ``match = "study"``) or same PatientID with study dates at most
 ``max_days`` apart (``match = "patient"``). Partners must agree on patient identity: PatientID
 always, PatientName and PatientBirthDate when both series carry them. A disagreement is refused
-(a ``Rejection`` row and one log line, no job): the node never fuses across patients.
+(a ``Rejection`` row and one log line, no job): the node never fuses across patients. So is a
+series flagged at receive with an identity conflict (an instance of another patient or study
+under its SeriesInstanceUID), whichever side of the pair it is on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.models import Rejection, Series, SeriesState
 from dicomnode.config import PairingRule
+from dicomnode.identity import normalise_name
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class SeriesRef:
     study_date: str
     frame_of_reference_uid: str
     calling_ae: str
+    revision: int = 0
+    identity_conflict: str = ""  # set at receive: the series must never be paired
 
     @classmethod
     def of(cls, row: Series) -> SeriesRef:
@@ -48,6 +53,8 @@ class SeriesRef:
             study_date=row.study_date or "",
             frame_of_reference_uid=row.frame_of_reference_uid or "",
             calling_ae=row.calling_ae or "",
+            revision=row.revision or 0,
+            identity_conflict=row.identity_conflict or "",
         )
 
 
@@ -71,6 +78,12 @@ class Refusal:
 
     @property
     def reason(self) -> str:
+        flagged = [s.series_uid for s in (self.fixed, self.moving) if s.identity_conflict]
+        if flagged:
+            return (
+                f"pairing refused (rule {self.rule.label}): series {', '.join(flagged)} has an identity conflict "
+                f"between its instances (fixed series {self.fixed.series_uid}, moving series {self.moving.series_uid})"
+            )
         return (
             f"pairing refused (rule {self.rule.label}): {', '.join(self.mismatch)} differ between "
             f"fixed series {self.fixed.series_uid} and moving series {self.moving.series_uid}"
@@ -80,18 +93,15 @@ class Refusal:
 def identity_mismatch(a: SeriesRef, b: SeriesRef) -> list[str]:
     """Names of the patient attributes on which ``a`` and ``b`` disagree (values never returned)."""
     problems = []
+    if a.identity_conflict or b.identity_conflict:
+        problems.append("identity_conflict")
     if a.patient_id.strip() != b.patient_id.strip():
         problems.append("PatientID")
-    if a.patient_name and b.patient_name and _norm_name(a.patient_name) != _norm_name(b.patient_name):
+    if a.patient_name and b.patient_name and normalise_name(a.patient_name) != normalise_name(b.patient_name):
         problems.append("PatientName")
     if a.birth_date and b.birth_date and a.birth_date.strip() != b.birth_date.strip():
         problems.append("PatientBirthDate")
     return problems
-
-
-def _norm_name(name: str) -> str:
-    # "DOE^JOHN" and "doe^john^^" are the same person name; trailing empty components are padding.
-    return name.strip().upper().rstrip("^ ")
 
 
 def _parse_da(value: str) -> date | None:

@@ -3,6 +3,10 @@
 A test that needs an absent resource (shared data, a DCMTK tool, Orthanc, PostgreSQL) skips with
 the reason on a user's clone; with DICOMNODE_REQUIRE_PEERS=1 (set by .ci/run) it fails instead,
 so CI can never go green by skipping.
+
+The one exception is hardware a test is not about on this machine: a test marked
+``requires_cuda`` is reported as "not applicable: no CUDA device" where torch sees no GPU, in CI
+too (CI never has one), and is listed in the ``-ra`` summary with that reason.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("DICOMNODE_REQUIRE_PEERS"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+NOT_APPLICABLE_NO_CUDA = "not applicable: no CUDA device"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``requires_cuda`` tests without a GPU; torch is imported only when such a test runs."""
+    if item.get_closest_marker("requires_cuda") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(NOT_APPLICABLE_NO_CUDA)
 
 
 def require_tool(name: str) -> str:

@@ -1,6 +1,10 @@
+import re
+import tomllib
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from dicomnode.cli import main
 from dicomnode.config import Config, ConfigError, load_config
@@ -16,17 +20,80 @@ def test_embedded_defaults_are_valid():
     assert [(r.fixed, r.moving) for r in cfg.pairing] == [("CT", "PT"), ("MR", "NM"), ("CT", "NM")]
 
 
-def test_example_file_is_valid_and_documents_every_key():
-    cfg = load_config(EXAMPLE)
-    assert isinstance(cfg, Config)
+def _model_of(annotation):
+    """The pydantic model a field holds, alone or as tuple[Model, ...]; None for plain values."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _walk(model: type[BaseModel], path: str):
+    """(dotted path, field name, field info, nested model or None) for every field, nested models included."""
+    for name, info in model.model_fields.items():
+        nested = _model_of(info.annotation)
+        yield f"{path}.{name}".lstrip("."), name, info, nested
+        if nested is not None:
+            yield from _walk(nested, f"{path}.{name}".lstrip("."))
+
+
+def _paragraphs(text: str) -> dict[str, list[list[str]]]:
+    """Section name -> its blocks of consecutive non-blank lines; commented headers (# [[x]]) count too."""
+    out: dict[str, list[list[str]]] = {}
+    section, block = "", []
+    for line in [*text.splitlines(), ""]:
+        header = re.match(r"^#?\s*\[\[?([a-z_]+)\]\]?\s*$", line)
+        if header or not line.strip():
+            if block:
+                out.setdefault(section, []).append(block)
+            block = []
+            if header:
+                section = header.group(1)
+            continue
+        block.append(line)
+    return out
+
+
+def _mentions(key: str, line: str) -> bool:
+    return re.search(rf"(^|[\s{{,#]){re.escape(key)}\s*=", line) is not None
+
+
+def test_example_file_shows_the_real_defaults():
+    """Loading the example gives exactly the defaults of config.py, field by field (nested models too)."""
+    example, default = load_config(EXAMPLE).model_dump(), Config().model_dump()
+    differences = [(k, example[k], default[k]) for k in default if example[k] != default[k]]
+    assert not differences, differences
+    data = tomllib.loads(EXAMPLE.read_text())
+    for section, info in Config.model_fields.items():
+        nested = _model_of(info.annotation)
+        if nested is None or section not in data or isinstance(data[section], list):
+            continue
+        # A key written in a section table must equal its default (not merely validate).
+        defaults = getattr(Config(), section)
+        for key, value in data[section].items():
+            parsed = type(defaults).model_validate({**defaults.model_dump(), key: value})
+            assert getattr(parsed, key) == getattr(defaults, key), f"{section}.{key} = {value!r} is not the default"
+
+
+def test_example_file_documents_every_key_with_a_comment():
+    """Every field of every model appears in its section, active or as a `# key =` example, under a comment;
+    a key left out of a section table is one whose default is "not set" (None), and its comment says so."""
     text = EXAMPLE.read_text()
-    # Every field of every section appears in the example with a comment line above it.
-    for section_name, section in Config.model_fields.items():
-        sub = getattr(cfg, section_name)
-        models = sub if isinstance(sub, tuple) else (sub,)
-        for model in models[:1]:
-            for key in type(model).model_fields:
-                assert f"{key} =" in text or f"{key}=" in text, f"{section_name}.{key} missing from example"
+    blocks = _paragraphs(text)
+    data = tomllib.loads(text)
+    sections = {name: _model_of(info.annotation) for name, info in Config.model_fields.items()}
+    for section, model in sections.items():
+        assert model is not None and section in blocks, f"[{section}] missing from the example"
+        for path, key, info, _nested in _walk(model, section):
+            found = [(block, line) for block in blocks[section] for line in block if _mentions(key, line)]
+            assert found, f"{path} missing from the example"
+            for block, line in found:
+                assert block[0].lstrip().startswith("#"), f"{path}: no comment line above {line!r}"
+            table = data.get(section)
+            if path.count(".") == 1 and isinstance(table, dict) and key not in table:
+                assert info.default is None, f"{path} is left out, but its default {info.default!r} is not 'not set'"
+                assert all(line.lstrip().startswith("#") for _, line in found)
+                assert any("not set" in " ".join(block).lower() for block, _ in found), f"{path}: say 'not set'"
 
 
 def test_errors_carry_key_paths(tmp_path):

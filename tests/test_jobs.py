@@ -213,3 +213,20 @@ def test_requeue_failed_sends_only_where_it_can_deliver(db, tmp_path):
     with db.session() as s:
         again = requeue_failed_sends(s)
     assert again.jobs == {} and set(again.refused) == {purged}
+
+
+def test_series_flagged_after_pairing_fails_the_job_before_processing(db, tmp_path):
+    from sqlalchemy import update
+
+    job_id = seed_pair(db, tmp_path)
+    with db.session() as s:  # an instance of another patient arrived after the pair was made
+        s.execute(update(Series).where(Series.series_uid == "1.2").values(identity_conflict="identity conflict: PatientID"))
+    rec = Recorder()
+    worker = run_worker(db, Spool(tmp_path / "spool"), config(), rec.process(tmp_path), rec)
+    worker.submit(job_id)
+    assert worker.wait_idle(30)
+    worker.stop()
+    assert rec.inputs == [] and rec.sends == []
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.failed and job.reason == "series 1.2: identity conflict: PatientID"

@@ -111,3 +111,16 @@ def test_patient_rule_never_matches_on_an_empty_patient_id(db):
     add(db, "pt", "PT", study="2", pid="", name="", birth="")
     with db.session() as s:
         assert find_pairings(s, "pt", (rule,)) == ([], [])
+
+
+def test_a_series_flagged_with_an_identity_conflict_is_never_paired(db):
+    add(db, "ct", "CT")
+    add(db, "pt", "PT")
+    with db.session() as s:
+        s.scalars(select(Series).where(Series.series_uid == "ct")).one().identity_conflict = "identity conflict: PatientID"
+    for completed in ("pt", "ct"):  # whichever side completes last
+        with db.session() as s:
+            pairings, refusals = find_pairings(s, completed, (CT_PT,))
+        assert pairings == [] and len(refusals) == 1
+        assert refusals[0].mismatch == ("identity_conflict",)
+        assert "series ct has an identity conflict" in refusals[0].reason

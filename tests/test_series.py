@@ -139,3 +139,14 @@ def test_series_progress_is_a_read_only_check(db):
     assert [p.expected_reached for p in progress] == [False, True, False]
     assert {p.state for p in progress} == {SeriesState.receiving}
     assert state_of(db, "7.2")[0] == SeriesState.receiving
+
+
+def test_stable_age_counts_from_the_node_start_after_an_outage(db):
+    cfg = CompletionConfig(stable_age_s=30)
+    add_series(db, "1.1", last=T0)  # half received, then the node was down for an hour
+    restart = T0 + timedelta(hours=1)
+    with db.session() as s:
+        assert complete_due_series(s, cfg, now=restart + timedelta(seconds=29), up_since=restart) == []
+    with db.session() as s:
+        (done,) = complete_due_series(s, cfg, now=restart + timedelta(seconds=30), up_since=restart)
+    assert done.reason == STABLE_AGE

@@ -98,6 +98,11 @@ class Series(Base):
     state: Mapped[SeriesState] = mapped_column(Enum(SeriesState, native_enum=False), default=SeriesState.receiving)
     completed_at: Mapped[datetime | None]
     completion_reason: Mapped[str | None] = mapped_column(String(32))
+    # Times a late instance reopened the complete series; jobs record the revision they fused.
+    revision: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Why the series must never be paired: an instance disagreed with it on patient or study
+    # identity (DICOM keywords and the refused SOP Instance UID; never the values).
+    identity_conflict: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
 
@@ -113,6 +118,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     spool_path: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When retention deleted the spool file: the row stays as history but points at nothing.
+    purged_at: Mapped[datetime | None]
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
@@ -135,11 +142,16 @@ class Job(Base):
     """One fusion of a moving series onto a fixed series under a pairing rule."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("rule", "fixed_series_uid", "moving_series_uid"),)
+    # One job per pair and per revision of each series: a series that grew after completing
+    # (late instances reopen it) is fused again as a new job; the old job keeps its history.
+    __table_args__ = (UniqueConstraint("rule", "fixed_series_uid", "moving_series_uid", "fixed_revision",
+                                       "moving_revision", name="uq_jobs_pair_revision"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule: Mapped[str] = mapped_column(String(64))
     fixed_series_uid: Mapped[str] = mapped_column(UID)
     moving_series_uid: Mapped[str] = mapped_column(UID)
+    fixed_revision: Mapped[int] = mapped_column(default=0, server_default="0")
+    moving_revision: Mapped[int] = mapped_column(default=0, server_default="0")
     study_uid: Mapped[str] = mapped_column(UID)
     method: Mapped[str] = mapped_column(String(64))
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False), default=JobState.paired, index=True)

@@ -8,10 +8,12 @@ old, so a purge can never make the node forget work it owes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.audit.models import (
@@ -62,3 +64,28 @@ def purge_audit(session: Session, days: float, now: datetime | None = None) -> A
         or_(Association.ended_at < cutoff, Association.ended_at.is_(None) & (Association.started_at < cutoff)),
         Association.id.not_in(referenced))).rowcount
     return AuditPurgeReport(jobs, series, instances, rejections, associations)
+
+
+# Spool files are purged by modification time, written just before their row's received_at:
+# rows this much younger than the cutoff are checked too, so none is missed by a clock edge.
+PURGE_SLACK = timedelta(hours=1)
+
+
+def mark_purged_instances(session: Session, days: float, now: datetime | None = None,
+                          exists: Callable[[Path], bool] = Path.exists) -> int:
+    """Stamp ``purged_at`` on instance rows whose spool file spool retention deleted; how many.
+
+    The rows stay (the audit trail keeps what was received), but never point at a missing file
+    without saying so; a job that needs such a series fails with that reason.
+    """
+    if days <= 0:
+        return 0
+    now = now or datetime.now(timezone.utc)
+    cutoff = now - timedelta(days=days) + PURGE_SLACK
+    rows = session.execute(
+        select(Instance.id, Instance.spool_path).where(Instance.purged_at.is_(None), Instance.received_at < cutoff)
+    ).all()
+    gone = [r.id for r in rows if not exists(Path(r.spool_path))]
+    for start in range(0, len(gone), 500):
+        session.execute(update(Instance).where(Instance.id.in_(gone[start:start + 500])).values(purged_at=now))
+    return len(gone)

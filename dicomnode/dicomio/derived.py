@@ -31,6 +31,8 @@ PAIRED_BODY_PARTS = frozenset(
     "TESTIS THIGH THUMB TIBIA TMJ TOE ULNA UPRGITRACT WRIST ZYGOMA".split()
 )
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64}
+# PatientSex (CS, Type 2) allows M, F, O or empty; highdicom refuses anything else with a ValueError.
+_PATIENT_SEX = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "WOMAN": "F", "O": "O", "OTHER": "O"}
 
 
 class EncodingError(ValueError):
@@ -173,6 +175,23 @@ def copy_anatomy(target: Dataset, header: Dataset) -> None:
         target.Laterality = ""
     elif "Laterality" in target:
         del target.Laterality
+
+
+def normalise_patient_sex(headers: Iterable[Dataset]) -> list[str]:
+    """Make PatientSex of source headers legal in place: spelled-out values become their code,
+    anything else ("U", "unknown") becomes empty (Type 2). Returns each change as ``'Male' -> 'M'``
+    for the audit record (the values are not logged).
+    """
+    changes: dict[str, str] = {}
+    for header in headers:
+        if "PatientSex" not in header:
+            continue
+        value = str(header.PatientSex or "")
+        legal = _PATIENT_SEX.get(value.strip().upper(), "")
+        if value != legal:
+            header.PatientSex = legal
+            changes[value] = legal
+    return [f"PatientSex {old!r} -> {new!r}" for old, new in changes.items()]
 
 
 def clip_copied_strings(ds: Dataset) -> list[str]:

@@ -35,9 +35,14 @@ class Evaluation:
 
 
 def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
-                     metrics: tuple[str, ...] = TARGET_METRICS) -> Evaluation:
-    """Fuse every sample with every method once (the network too when ``model`` is given) and score it."""
-    from dicomnode.quality.metrics import compute_metrics
+                     metrics: tuple[str, ...] = TARGET_METRICS, conventions: str = "dicomnode") -> Evaluation:
+    """Fuse every sample with every method once (the network too when ``model`` is given) and score it.
+
+    ``conventions``: a name of ``quality.metrics.CONVENTIONS``.
+    """
+    from dicomnode.quality.metrics import compute_metrics, convention_options
+
+    options = convention_options(conventions)
 
     runners = {name: get_method(name) for name in methods}
     if model is not None:
@@ -50,7 +55,7 @@ def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods
         for name, run in runners.items():
             with torch.no_grad():
                 fused = run(a, b)[0][0, 0].clamp(0, 1).numpy()
-            values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics)
+            values = compute_metrics(sample.fixed * 255.0, sample.moving * 255.0, fused * 255.0, names=metrics, **options)
             scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
             kept.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
     return Evaluation(
@@ -62,16 +67,10 @@ def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods
 
 
 def excess_kept(a: np.ndarray, b: np.ndarray, fused: np.ndarray, margin: float = 0.1) -> float:
-    """Share of the moving image's excess over the fixed one that F shows, where B > A + margin.
+    """``quality.basic.functional_kept`` for images on 0..1 (``margin`` a fraction of the range)."""
+    from dicomnode.quality.basic import functional_kept
 
-    1 = all of the brighter functional signal (uptake) kept, 0 = F shows only the fixed image.
-    Qabf, VIF and FMI_pixel can rise by dropping it (copying the MRI alone beats most baselines on
-    them for PET/SPECT-MRI), so this is reported beside them. NaN where no pixel qualifies.
-    """
-    mask = (b - a) > margin
-    if not mask.any():
-        return float("nan")
-    return float(np.clip((fused - a)[mask] / (b - a)[mask], 0, 1).mean())
+    return functional_kept(a * 255.0, b * 255.0, fused * 255.0, margin * 255.0)
 
 
 def wins(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[str]:
@@ -80,6 +79,29 @@ def wins(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[s
         return []
     others = [m for m in table if m != candidate]
     return [k for k in table[candidate] if all(table[candidate][k] > table[o][k] for o in others)]
+
+
+def dominated_by(table: dict[str, dict[str, float]], candidate: str = NETWORK) -> list[str]:
+    """Methods at least as good as ``candidate`` on every metric of one task's table and better on one.
+
+    Every metric in the table is higher-is-better (Qabf, VIF, MI, SSIM, FMI_pixel, Kept). NaN counts
+    as worse, so a method without a value cannot dominate.
+    """
+    if candidate not in table:
+        return []
+    mine = table[candidate]
+
+    def at_least(x: float, y: float) -> bool:
+        return bool(np.isfinite(x)) and (not np.isfinite(y) or x >= y)
+
+    out = []
+    for other, values in table.items():
+        if other == candidate:
+            continue
+        if all(at_least(values[k], mine[k]) for k in mine) and any(
+                np.isfinite(values[k]) and (not np.isfinite(mine[k]) or values[k] > mine[k]) for k in mine):
+            out.append(other)
+    return out
 
 
 def markdown_table(table: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -19,6 +19,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from dicomnode.identity import Identity, identity_differences
 from dicomnode.imaging.suv import volume_units
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,12 @@ class _Slice:
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
 
 
-def load_series(paths: Sequence[Path]) -> Volume:
+def load_series(paths: Sequence[Path], expect: Identity | None = None) -> Volume:
     """Read the instances of one series and build its volume (see Volume).
+
+    ``expect``: the series' patient and study identity as audited at receive; a file that
+    disagrees raises VolumeError naming the file and the attributes (a check on read, so a
+    spool file that changed or a database row that lies can never mix patients in a volume).
 
     ``paths`` may name files or folders (searched recursively); non-image objects (RTSTRUCT,
     presentation states) are ignored, and so are non-DICOM files found in a folder (exports carry
@@ -108,6 +113,11 @@ def load_series(paths: Sequence[Path]) -> Volume:
             raise VolumeError(f"cannot read {f}: {exc.strerror or exc}") from exc
         except Exception as exc:  # truncated or corrupt files fail in many ways inside the parser
             raise VolumeError(f"{f} is not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        if expect is not None:
+            differ = identity_differences(expect, Identity.of_dataset(ds))
+            if differ:
+                raise VolumeError(f"{f}: {', '.join(differ)} differ from the job's series; refusing to mix "
+                                  "patients or studies in one volume")
         if "PixelData" in ds:
             datasets.append(ds)
         elif "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:

@@ -18,8 +18,9 @@ from sqlalchemy.sql.expression import Executable
 
 from dicomnode.audit.db import READ_ONLY, AuditDB
 from dicomnode.audit.models import Association, Instance, Rejection, Series, SeriesState
+from dicomnode.identity import Identity, identity_differences
 from dicomnode.log import event as log_event
-from dicomnode.net.validate import STATUS_DB_UNAVAILABLE, InstanceInfo, RejectedInstance
+from dicomnode.net.validate import STATUS_DATASET_MISMATCH, STATUS_DB_UNAVAILABLE, InstanceInfo, RejectedInstance
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class StoreStatements:
     bump_series: Executable
     bump_series_expected: Executable
     insert_instance: Executable
+    flag_series: Executable
+    reopen_series: Executable
 
     @classmethod
     def build(cls) -> StoreStatements:
@@ -45,12 +48,38 @@ class StoreStatements:
         counted = {"received_count": Series.received_count + 1, "last_received_at": bindparam("now")}
         return cls(
             exists=select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop")),
-            series_id=select(Series.id).where(Series.series_uid == bindparam("uid")),
+            series_id=select(Series.id, Series.state, Series.study_uid, Series.patient_id, Series.patient_name,
+                             Series.birth_date).where(Series.series_uid == bindparam("uid")),
             insert_series=insert(Series),
             bump_series=bump.values(**counted),
             bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")),
             insert_instance=insert(Instance),
+            flag_series=update(Series)
+            .where(Series.id == bindparam("series_pk"), Series.identity_conflict.is_(None))
+            .values(identity_conflict=bindparam("conflict")),
+            reopen_series=update(Series)
+            .where(Series.id == bindparam("series_pk"), Series.state == SeriesState.complete)
+            .values(state=SeriesState.receiving, revision=Series.revision + 1, completed_at=None, completion_reason=None),
         )
+
+
+def identity_conflict(series_row, info: InstanceInfo) -> str | None:
+    """Why an instance cannot join its series (keywords, never values), or None when it belongs.
+
+    A series is one patient's in one study: a SeriesInstanceUID reused in another study, or an
+    instance of another patient under the same SeriesInstanceUID, is refused (PS3.3 C.7.3.1:
+    the UID identifies one series of one study).
+    """
+    series = Identity(series_row.study_uid, info.series_uid, series_row.patient_id or "", series_row.patient_name or "",
+                      series_row.birth_date or "")
+    instance = Identity(info.study_uid, info.series_uid, info.patient_id, info.patient_name, info.birth_date)
+    differ = identity_differences(series, instance)
+    if not differ:
+        return None
+    log_event(log, "series_identity_conflict", logging.WARNING, series=info.series_uid, sop=info.sop_instance_uid,
+              mismatch=",".join(differ))
+    return (f"identity conflict: {', '.join(differ)} of instance {info.sop_instance_uid} differ from series "
+            f"{info.series_uid} (first received instance); the series will not be paired")
 
 
 class ReceiveRecorder:
@@ -120,8 +149,10 @@ class ReceiveRecorder:
     ) -> str:
         """Record a spooled instance and grow its series in one short transaction; ``stored`` or ``duplicate``.
 
-        Raises RejectedInstance when the row cannot be written; the caller then removes the spool
-        file, since no row will point at it.
+        Raises RejectedInstance when the row cannot be written, or (0xA900) when the instance's
+        patient or study identity differs from its series (the series is then flagged, in the same
+        transaction, so it is never paired); the caller removes the spool file, since no row will
+        point at it.
         """
         sql = self._sql
         conn.execution_options(dicomnode_read_only=False)
@@ -130,21 +161,26 @@ class ReceiveRecorder:
                 with conn.begin():
                     if conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None:
                         return "duplicate"  # another association stored it meanwhile
-                    series_id = self._upsert_series(conn, info, calling)
-                    conn.execute(
-                        sql.insert_instance,
-                        {
-                            "sop_instance_uid": info.sop_instance_uid,
-                            "sop_class_uid": info.sop_class_uid,
-                            "series_id": series_id,
-                            "association_id": assoc_id,
-                            "transfer_syntax_uid": info.transfer_syntax_uid,
-                            "size_bytes": size,
-                            "sha256": sha256,
-                            "spool_path": str(spool_path),
-                            "received_at": datetime.now(timezone.utc),
-                        },
-                    )
+                    series_id, conflict = self._upsert_series(conn, info, calling)
+                    if conflict is not None:
+                        conn.execute(sql.flag_series, {"series_pk": series_id, "conflict": conflict})
+                    else:
+                        conn.execute(
+                            sql.insert_instance,
+                            {
+                                "sop_instance_uid": info.sop_instance_uid,
+                                "sop_class_uid": info.sop_class_uid,
+                                "series_id": series_id,
+                                "association_id": assoc_id,
+                                "transfer_syntax_uid": info.transfer_syntax_uid,
+                                "size_bytes": size,
+                                "sha256": sha256,
+                                "spool_path": str(spool_path),
+                                "received_at": datetime.now(timezone.utc),
+                            },
+                        )
+                if conflict is not None:
+                    raise RejectedInstance(STATUS_DATASET_MISMATCH, conflict)
                 return "stored"
             except IntegrityError:
                 if attempt == 0:
@@ -154,11 +190,12 @@ class ReceiveRecorder:
                 raise _db_unavailable(exc) from exc
         return "stored"  # unreachable; keeps type checkers content
 
-    def _upsert_series(self, conn: Connection, info: InstanceInfo, calling: str) -> int:
+    def _upsert_series(self, conn: Connection, info: InstanceInfo, calling: str) -> tuple[int, str | None]:
+        """The series row's id, created or grown; with the reason when the instance does not belong to it."""
         sql = self._sql
         now = datetime.now(timezone.utc)
-        series_id = conn.execute(sql.series_id, {"uid": info.series_uid}).scalar()
-        if series_id is None:
+        row = conn.execute(sql.series_id, {"uid": info.series_uid}).first()
+        if row is None:
             result = conn.execute(
                 sql.insert_series,
                 {
@@ -179,12 +216,22 @@ class ReceiveRecorder:
                 },
             )
             log_event(log, "series_started", series=info.series_uid, modality=info.modality, calling_ae=calling, expected=info.expected_count)
-            return int(result.inserted_primary_key[0])
+            return int(result.inserted_primary_key[0]), None
+        series_id = int(row.id)
+        conflict = identity_conflict(row, info)
+        if conflict is not None:
+            return series_id, conflict
+        if row.state == SeriesState.complete:
+            # A late instance: the series grows again and completes anew, so it is fused as a new
+            # job (its revision) instead of being silently left out of the one already made.
+            conn.execute(sql.reopen_series, {"series_pk": series_id})
+            log_event(log, "series_reopened", logging.WARNING, series=info.series_uid, sop=info.sop_instance_uid,
+                      note="instance arrived after the series completed")
         if info.expected_count is None:
             conn.execute(sql.bump_series, {"series_pk": series_id, "now": now})
         else:
             conn.execute(sql.bump_series_expected, {"series_pk": series_id, "now": now, "expected": info.expected_count})
-        return int(series_id)
+        return series_id, None
 
     # -- rejections ------------------------------------------------------------------------
     def rejection(

@@ -1,4 +1,4 @@
-"""Statistics of one image and of image pairs: EN, SD, SF, AG, MI, MSE, PSNR, CC, SCD, EPI.
+"""Statistics of one image and of image pairs: EN, SD, SF, AG, MI, MSE, PSNR, CC, SCD, EPI, Kept.
 
 Every function takes float arrays on the 0..255 scale, indexed (row, column); none rescales.
 """
@@ -103,3 +103,20 @@ def edge_preservation(src: np.ndarray, f: np.ndarray) -> float:
     if ss == 0 or sf == 0:
         return 0.0
     return float((ds * df).sum() / np.sqrt(ss * sf))
+
+
+def functional_kept(a: np.ndarray, b: np.ndarray, f: np.ndarray, margin: float = 25.5) -> float:
+    """Share of what B adds over A that F shows: sum clip(F - A, 0, B - A) / sum (B - A), where B - A > margin.
+
+    A is the anatomical source (MRI), B the functional or CT one, F the fused image, all on 0..255
+    (``margin`` 25.5 = 10 % of the range). 1 = all of B's excess kept, 0 = F shows only A. Qabf, VIF
+    and FMI rise when that excess is dropped, so this is reported beside them. NaN where no pixel
+    qualifies.
+    """
+    a, b, f = (np.asarray(x, dtype=np.float64) for x in (a, b, f))
+    excess = b - a
+    mask = excess > margin
+    if not mask.any():
+        return float("nan")
+    shown = np.clip(f[mask] - a[mask], 0.0, excess[mask])
+    return float(shown.sum() / excess[mask].sum())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.quality.metrics import METRIC_NAMES, compute_metrics, round_half_away, to_luminance
+from dicomnode.quality.metrics import METRIC_NAMES, compute_metrics, convention_options, round_half_away, to_luminance
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,19 @@ def run_bench(
     names: list[str] | None = None,
     feature_threshold: float = 0.5,
     progress: bool = True,
+    conventions: str = "dicomnode",
 ) -> tuple[list[BenchRow], list[Example]]:
-    """Fuse every pair of every folder with every method and score it; rows in (task, pair, method) order."""
+    """Fuse every pair of every folder with every method and score it; rows in (task, pair, method) order.
+
+    ``conventions``: a name of ``quality.metrics.CONVENTIONS`` (MI unit, SSIM/VIF combination).
+    """
     import torch
     from tqdm import tqdm
 
     from dicomnode.fusion.images import find_pairs, load_image
 
     names = list(names or METRIC_NAMES)
+    options = convention_options(conventions)
     work = []
     for folder in folders:
         if not folder.is_dir():
@@ -156,7 +161,8 @@ def run_bench(
             fused = _to_8bit(result.fused[0].numpy().astype(np.float64))
             saliency = None if result.saliency is None else result.saliency[0].numpy().astype(np.float64)
             f = _luma(fused if fused.shape[0] == 3 else fused[0])
-            values = compute_metrics(a, b, f, names, saliency=saliency, mask=mask if saliency is not None else None)
+            values = compute_metrics(a, b, f, names, saliency=saliency, mask=mask if saliency is not None else None,
+                                     **options)
             rows.append(BenchRow(task, pair.pair_id, method, values, t1 - t0, time.perf_counter() - t1))
             if keep:
                 examples[-1].fused[method] = fused.transpose(1, 2, 0) if fused.shape[0] == 3 else fused[0]
@@ -186,6 +192,7 @@ def bench_command(args) -> int:
         rows, examples = run_bench(
             [Path(p) for p in args.data], methods, args.device, args.limit, names,
             feature_threshold=QualityConfig().feature_threshold, progress=not getattr(args, "quiet", False),
+            conventions=getattr(args, "conventions", "dicomnode"),
         )
     except BenchError as exc:
         print(f"dicomnode bench: {exc}", file=sys.stderr)

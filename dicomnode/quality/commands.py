@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dicomnode.quality.metrics import METRIC_NAMES, MetricInputError, compute_metrics, round_half_away, to_luminance
+from dicomnode.quality.metrics import (
+    METRIC_NAMES,
+    MetricInputError,
+    compute_metrics,
+    convention_options,
+    round_half_away,
+    to_luminance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,8 @@ def metrics_command(args) -> int:
     """Print every metric for sources args.a, args.b and fused args.f; exit 2 on unreadable or mismatched input."""
     try:
         a, b, f = (load_for_scoring(Path(p)) for p in (args.a, args.b, args.f))
-        values = compute_metrics(a, b, f, METRIC_NAMES)
+        options = convention_options(getattr(args, "conventions", "dicomnode"))
+        values = compute_metrics(a, b, f, METRIC_NAMES, **options)
     except (ImageReadError, MetricInputError) as exc:
         print(f"dicomnode metrics: {exc}", file=sys.stderr)
         return 2

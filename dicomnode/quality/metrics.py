@@ -28,9 +28,11 @@ __all__ = [
     "DEFAULT_SERIES_METRICS",
     "MetricInfo",
     "MetricOptions",
+    "CONVENTIONS",
     "SeriesQuality",
     "MetricInputError",
     "compute_metrics",
+    "convention_options",
     "score_series",
     "to_luminance",
     "round_half_away",
@@ -68,6 +70,22 @@ class MetricOptions:
                 raise MetricInputError(f"{key} must be one of {allowed}, not {value!r}")
         if isinstance(self.psnr_peak, str) and self.psnr_peak != "max":
             raise MetricInputError("psnr_peak must be a number or 'max'")
+
+
+# Named sets of MetricOptions, so tables compare with published ones. "dicomnode" is the default;
+# "cddfuse" is CDDFuse's (CVPR 2023) evaluation: MI in nats (sklearn's mutual_info_score on 8-bit
+# images), SSIM and VIFp summed over the two sources, grey images as BT.601 luma in 8 bits.
+CONVENTIONS: dict[str, dict[str, object]] = {
+    "dicomnode": {},
+    "cddfuse": {"mi_unit": "nats", "ssim_combine": "sum", "vif_combine": "sum", "round_fused": True, "round_luma": True},
+}
+
+
+def convention_options(name: str) -> dict[str, object]:
+    """The MetricOptions fields of a named convention; MetricInputError for an unknown name."""
+    if name not in CONVENTIONS:
+        raise MetricInputError(f"unknown conventions {name!r}; known: {', '.join(CONVENTIONS)}")
+    return dict(CONVENTIONS[name])
 
 
 class _Scoring:
@@ -178,6 +196,7 @@ _COMPUTE: dict[str, Callable[[_Scoring], float]] = {
     "EPI": lambda s: s.epi(),
     "FSIM": lambda s: s.fsim(),
     "DFRS": _dfrs,
+    "Kept": lambda s: basic.functional_kept(s.a, s.b, s.f),
 }
 
 METRICS: dict[str, MetricInfo] = {n: MetricInfo(n, DIRECTIONS[n], _COMPUTE[n]) for n in METRIC_NAMES}
@@ -296,7 +315,8 @@ def score_series(
     compute_metrics on each slice to rounding.
     """
     chosen = _names(DEFAULT_SERIES_METRICS if names is None else names)
-    a, b, f = (np.asarray(v, dtype=np.float64) for v in (a, b, f))
+    # Only the slices scored are converted to float64: a whole-body series is never copied whole.
+    a, b, f = (np.asarray(v) for v in (a, b, f))
     if a.ndim != 3 or not a.shape == b.shape == f.shape:
         raise MetricInputError(f"series must be (N, H, W) of one shape, got {a.shape}, {b.shape}, {f.shape}")
     if max_slices < 0:
@@ -313,8 +333,9 @@ def score_series(
         step = max(1, _STACK_PIXELS // max(1, a[0].size))
         for lo in range(0, scored_idx.size, step):
             idx = scored_idx[lo : lo + step]
-            fi = np.clip(round_half_away(f[idx]), 0, 255) if opts.round_fused else f[idx]
-            values = _score_stack(a[idx], b[idx], fi, stacked, opts)
+            ai, bi, fi = (np.asarray(v[idx], dtype=np.float64) for v in (a, b, f))
+            fi = np.clip(round_half_away(fi), 0, 255) if opts.round_fused else fi
+            values = _score_stack(ai, bi, fi, stacked, opts)
             for m in stacked:
                 table[idx, chosen.index(m)] = values[m]
     if per_slice_names:

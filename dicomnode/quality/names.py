@@ -29,6 +29,7 @@ DIRECTIONS: dict[str, bool] = {
     "EPI": True,
     "FSIM": True,
     "DFRS": True,
+    "Kept": True,
 }
 
 METRIC_NAMES: tuple[str, ...] = tuple(DIRECTIONS)

@@ -53,6 +53,6 @@ def select_slices(a: np.ndarray, b: np.ndarray, max_slices: int = 0) -> SliceSel
     blank = [int(i) for i in np.flatnonzero(flat)]
     if not content:
         return SliceSelection([], blank, None)
-    signal = b[content].sum(axis=(1, 2))
+    signal = b.sum(axis=(1, 2), dtype=np.float64)[content]  # no copy of the content slices
     peak = content[int(np.argmax(signal))]  # first of equal maxima: deterministic
     return SliceSelection(stratified_pick(content, max_slices, keep=peak), blank, peak)

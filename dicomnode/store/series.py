@@ -3,7 +3,10 @@
 A series is complete once no instance arrived for ``completion.stable_age_s`` seconds, or at
 once when its expected instance count (e.g. NumberOfSlices of PET/NM) is known and reached.
 The state lives in the ``Series`` rows (receiving -> complete), so a restarted node resumes
-the check from the database; nothing is kept in memory between checks.
+the check from the database; nothing is kept in memory between checks. Stable age counts node
+up-time only: it runs from the later of the last instance and the node's start, so a series
+half-received before an outage gets its full ``stable_age_s`` after the restart for the rest
+to arrive. A late instance reopens a complete series (``net/records.py``).
 """
 
 from __future__ import annotations
@@ -41,13 +44,20 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
-def completion_reason(series: Series, config: CompletionConfig, now: datetime) -> str | None:
-    """Why ``series`` is complete at ``now``, or None while it is still receiving."""
+def completion_reason(series: Series, config: CompletionConfig, now: datetime,
+                      up_since: datetime | None = None) -> str | None:
+    """Why ``series`` is complete at ``now``, or None while it is still receiving.
+
+    ``up_since``: when the node started; stable age is never counted from before it.
+    """
     if series.state != SeriesState.receiving:
         return None
     if config.use_expected_count and series.expected_count and series.received_count >= series.expected_count:
         return EXPECTED_COUNT
-    if now - as_utc(series.last_received_at) >= timedelta(seconds=config.stable_age_s):
+    quiet_since = as_utc(series.last_received_at)
+    if up_since is not None:
+        quiet_since = max(quiet_since, as_utc(up_since))
+    if now - quiet_since >= timedelta(seconds=config.stable_age_s):
         return STABLE_AGE
     return None
 
@@ -79,8 +89,11 @@ def complete_due_series(
     config: CompletionConfig,
     now: datetime | None = None,
     on_complete: Callable[[Session, CompletedSeries], None] | None = None,
+    up_since: datetime | None = None,
 ) -> list[CompletedSeries]:
     """Complete every receiving series that is due; ``on_complete`` runs for each in the same session.
+
+    ``up_since``: the node's start time (see ``completion_reason``).
 
     Series are completed one after the other, oldest first, so a pairing step run by
     ``on_complete`` sees the earlier ones as complete and each pair is considered exactly once.
@@ -91,7 +104,7 @@ def complete_due_series(
     ).all()
     done: list[CompletedSeries] = []
     for series in rows:
-        reason = completion_reason(series, config, now)
+        reason = completion_reason(series, config, now, up_since)
         if reason is None:
             continue
         completed = mark_complete(session, series, reason, now)

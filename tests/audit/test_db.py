@@ -19,7 +19,18 @@ def test_upgrade_creates_the_model_schema(db):
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         version = conn.execute(text("select version_num from alembic_version")).scalar_one()
     assert diffs == []
-    assert version == "0001"
+    assert version == _script_head()
+
+
+def _script_head() -> str:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from dicomnode.audit.db import MIGRATIONS_DIR
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def test_session_commits_and_rolls_back(db):
@@ -75,3 +86,40 @@ def test_reopen_is_idempotent(tmp_path):
     with second.session() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 1
     second.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_upgrade_from_0001_keeps_rows_and_allows_a_job_per_series_revision(tmp_path, backend):
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy.exc import IntegrityError
+
+    from dicomnode.audit.db import MIGRATIONS_DIR, make_engine, upgrade
+    from tests.backends import open_test_db
+
+    with open_test_db(backend, tmp_path) as db:
+        if backend == "sqlite":  # a database created by the first release, as it is on disk
+            db.close()
+            db = AuditDB(make_engine(f"sqlite:///{tmp_path / 'old.db'}"))
+            upgrade(db.engine, "0001")
+        else:  # PostgreSQL names the constraint itself: going back to 0001 gives the same schema
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+            with db.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.downgrade(cfg, "0001")
+        with db.engine.begin() as conn:
+            conn.execute(text("insert into jobs (rule, fixed_series_uid, moving_series_uid, study_uid, method, state, "
+                              "created_at, updated_at, timings, registration, outputs) values ('PT->CT', '1', '2', '3', "
+                              "'alpha', 'done', '2026-01-01', '2026-01-01', '{}', '{}', '{}')"))
+        upgrade(db.engine)
+        with db.session() as s:
+            (job,) = s.scalars(select(Job)).all()
+            assert (job.fixed_series_uid, job.fixed_revision, job.moving_revision) == ("1", 0, 0)
+            s.add(Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", fixed_revision=1, study_uid="3",
+                      method="alpha"))
+        with pytest.raises(IntegrityError):
+            with db.session() as s:
+                s.add(Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", fixed_revision=1,
+                          study_uid="3", method="alpha"))
+        db.close()

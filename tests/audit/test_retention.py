@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from dicomnode.audit.models import (
     Association, Instance, Job, JobEvent, JobState, Metric, Rejection, Send, SendState, Series, SeriesState,
 )
-from dicomnode.audit.retention import purge_audit
+from dicomnode.audit.retention import mark_purged_instances, purge_audit
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 OLD = NOW - timedelta(days=40)
@@ -92,3 +92,25 @@ def test_zero_days_keeps_everything(db):
     with db.session() as s:
         assert purge_audit(s, 0, now=NOW).rows == 0
         assert _count(s, Job) == 3 and _count(s, Series) == 7 and _count(s, Rejection) == 2
+
+
+def test_instances_whose_spool_file_is_gone_are_marked_purged(db, tmp_path):
+    kept, gone, young = tmp_path / "kept.dcm", tmp_path / "gone.dcm", tmp_path / "young-gone.dcm"
+    kept.write_bytes(b"x")
+    with db.session() as s:
+        series = _series("5.1", OLD)
+        s.add(series)
+        s.flush()
+        for n, (path, at) in enumerate(((kept, OLD), (gone, OLD), (young, RECENT))):
+            s.add(Instance(sop_instance_uid=f"5.1.{n}", sop_class_uid="1.2", series_id=series.id,
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64,
+                           spool_path=str(path), received_at=at))
+    with db.session() as s:
+        assert mark_purged_instances(s, 7, now=NOW) == 1
+        assert mark_purged_instances(s, 0, now=NOW) == 0  # retention off: nothing checked
+    with db.session() as s:
+        marked = {r.spool_path: r.purged_at for r in s.scalars(select(Instance))}
+    # Only the old row with a missing file; a young row is not retention's doing.
+    assert marked == {str(kept): None, str(gone): NOW, str(young): None}
+    with db.session() as s:
+        assert mark_purged_instances(s, 7, now=NOW) == 0  # marked once

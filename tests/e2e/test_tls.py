@@ -74,6 +74,24 @@ def _tls_node(tmp_path: Path, pki: dict[str, Path], require_client_cert: bool, *
     return scp
 
 
+def _callers(scp: StoreSCP) -> set[str]:
+    with scp.db.session() as s:
+        return set(s.scalars(select(Association.calling_ae)))
+
+
+def _tls_alert(port: int, pki: dict[str, Path], client: str) -> str:
+    """The TLS error a client presenting ``client``'s certificate gets from the node ("" = none)."""
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki[client]), str(pki[f"{client}_key"]))
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.recv(1)  # TLS 1.3: the server's verdict on our certificate arrives after the handshake
+        except ssl.SSLError as exc:
+            return str(exc)
+    return ""
+
+
 def _stored(scp: StoreSCP) -> int:
     with scp.db.session() as s:
         return s.scalar(select(func.count()).select_from(Instance))
@@ -87,14 +105,19 @@ def test_storescu_over_tls_to_node(tmp_path, pki, files, require_client_cert):
         tls_args = ["+tls", str(pki["client_key"]), str(pki["client"]), "+cf", str(pki["ca"])]
         storescu(tool, files, port=scp.port, calling_ae="TLSSCU", extra_args=tls_args)
         assert _stored(scp) == len(files)
-        # Plain TCP to the TLS port gets no association, and stores nothing.
-        with pytest.raises(AssertionError, match="storescu failed"):
+        # Plain TCP to the TLS port gets no association (no A-ASSOCIATE-AC or -RJ: the node speaks
+        # only TLS there), and stores nothing.
+        with pytest.raises(AssertionError, match=r"storescu failed.*Association Request Failed.*Peer aborted Association"):
             storescu(tool, files[:1], port=scp.port, calling_ae="PLAIN")
         if require_client_cert:
-            # A client certificate from an untrusted CA is refused during the handshake.
-            with pytest.raises(AssertionError, match="storescu failed"):
+            # A client certificate from an untrusted CA is refused during the handshake: storescu's
+            # connection is dropped before any association, and the TLS alert says why.
+            with pytest.raises(AssertionError, match=r"storescu failed.*Association Request Failed.*"
+                                                     r"(Peer aborted Association|Connection reset by peer)"):
                 storescu(tool, files[:1], port=scp.port, calling_ae="ROGUE",
                          extra_args=["+tls", str(pki["rogue_key"]), str(pki["rogue"]), "+cf", str(pki["ca"])])
+            assert "unknown ca" in _tls_alert(scp.port, pki, "rogue").lower()
+        assert _callers(scp) == {"TLSSCU"}  # neither refusal became an association
         # The listener survives both refusals.
         storescu(tool, files[:1], port=scp.port, calling_ae="TLSSCU", extra_args=tls_args)
         assert _stored(scp) == len(files)  # the repeat is idempotent

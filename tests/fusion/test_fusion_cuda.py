@@ -1,4 +1,4 @@
-"""The GPU path: runs only where torch sees a CUDA device (CI has none, so it skips there)."""
+"""The GPU path: runs only where torch sees a CUDA device (CI has none: "not applicable" there, see conftest)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from dicomnode.config import FusionConfig
 from dicomnode.fusion import FusionEngine
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; the GPU path is checked on GPU machines")
+pytestmark = pytest.mark.requires_cuda
 
 
 @pytest.mark.parametrize("method", ["gff", "laplacian", "dwt", "pca", "network"])

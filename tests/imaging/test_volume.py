@@ -277,3 +277,22 @@ def test_missing_unreadable_and_non_dicom_paths_are_named(tmp_path):
     (empty / "README").write_text("x")
     with pytest.raises(VolumeError, match="no DICOM image instances in .*empty .*1 non-DICOM file"):
         load_series([empty])
+
+
+def test_a_file_of_another_patient_or_study_is_refused_on_read(tmp_path):
+    from dicomnode.identity import Identity
+
+    files = []
+    for k in range(3):
+        ds = _slice(np.zeros((4, 4)), (0, 0, k), instance=k + 1)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "DN-G", "Doe^Jane", "19600101"
+        files.append(tmp_path / f"{k}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    expect = Identity("1.2.3", "1.2.3.4", "DN-G", "DOE^JANE^^", "19600101")  # name case and padding do not matter
+    assert load_series(files, expect=expect).image.GetSize() == (4, 4, 3)
+    ds = pydicom.dcmread(files[1])
+    ds.PatientID, ds.StudyInstanceUID = "DN-H", "1.2.3.7"
+    ds.save_as(files[1])
+    with pytest.raises(VolumeError, match=r"1\.dcm: StudyInstanceUID, PatientID differ") as err:
+        load_series(files, expect=expect)
+    assert "DN-H" not in str(err.value) and "DN-G" not in str(err.value)

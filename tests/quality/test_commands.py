@@ -10,9 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from dicomnode.fusion.api import FusionEngine
+from dicomnode.fusion.images import find_pairs, load_image
 from dicomnode.quality.commands import load_for_scoring
-from dicomnode.quality.metrics import METRIC_NAMES, compute_metrics
+from dicomnode.quality.metrics import METRIC_NAMES, compute_metrics, round_half_away, to_luminance
 
 
 def _run(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -50,7 +53,6 @@ def test_metrics_command_rejects_mismatched_images(aanlib_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bench_writes_table_csv_json_and_plots(aanlib_dir, tmp_path):
-    pytest.importorskip("dicomnode.fusion.api")
     out = tmp_path / "bench"
     names = ["EN", "MI", "SSIM", "Qabf", "VIF"]
     result = _run(
@@ -82,6 +84,26 @@ def test_bench_writes_table_csv_json_and_plots(aanlib_dir, tmp_path):
         assert (out / "boxplots" / f"{name}.png").stat().st_size > 1000
     for task in ("CT-MRI", "PET-MRI"):
         assert (out / "examples" / f"{task}.png").stat().st_size > 1000
-    # The CSV row equals scoring the same fusion directly.
-    first = rows[0]
-    assert math.isfinite(float(first["Qabf"]))
+    # Every CSV row equals scoring the same fusion directly: 8-bit A, B luma and F luma (docs/metrics.md).
+    pairs = {(task, p.pair_id): p for task in ("CT-MRI", "PET-MRI") for p in find_pairs(aanlib_dir / task)[0]}
+    engines = {m: FusionEngine(m, device="cpu") for m in summary["methods"]}
+    for row in rows:
+        pair = pairs[(row["task"], row["pair_id"])]
+        fixed, moving = load_image(pair.fixed), load_image(pair.moving)
+        a = _eight_bit(fixed.grey)
+        b_colour = _eight_bit(moving.rgb if moving.rgb is not None else moving.grey)
+        b = round_half_away(to_luminance(b_colour, axis=0)) if b_colour.ndim == 3 else b_colour
+        moving_t = torch.from_numpy(moving.rgb if moving.rgb is not None else moving.grey[None])[None]
+        fused = _eight_bit(engines[row["method"]].fuse(torch.from_numpy(fixed.grey)[None, None], moving_t)
+                           .fused[0].numpy().astype(np.float64))
+        f = round_half_away(to_luminance(fused, axis=0)) if fused.shape[0] == 3 else fused[0]
+        expected = compute_metrics(a, b, f, names)
+        for name in names:
+            assert math.isfinite(float(row[name]))
+            assert float(row[name]) == pytest.approx(expected[name], rel=1e-6, abs=1e-9), (row["task"], row["pair_id"],
+                                                                                          row["method"], name)
+
+
+def _eight_bit(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> 0..255 integers as float64, rounded half away from zero (how the bench quantises images)."""
+    return np.clip(round_half_away(np.clip(x, 0, 1) * 255.0), 0, 255)

@@ -72,3 +72,27 @@ def test_max_slices_config_default_and_validation():
     for bad in (-1, 2.5, "all"):
         with pytest.raises(ConfigError, match="quality.max_slices"):
             load_config(overrides={"quality": {"max_slices": bad}})
+
+
+def test_score_series_converts_only_the_slices_it_scores():
+    """A whole-body series is not copied to float64 to score 4 slices (issue: quality grew with N)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, h, w = 200, 96, 96
+    a = rng.uniform(0, 255, (n, h, w)).astype(np.float32)
+    b = rng.uniform(0, 255, (n, h, w)).astype(np.float32)
+    f = ((a + b) / 2).astype(np.float32)
+    whole_float64 = n * h * w * 8
+    tracemalloc.start()
+    quality = score_series(a, b, f, ("EN", "MI", "SSIM", "Qabf", "VIF"), max_slices=4)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert quality.scored == 4
+    assert peak < whole_float64, (peak, whole_float64)
+    # The values are those of scoring the same slices from float64 copies.
+    again = score_series(a.astype(np.float64), b.astype(np.float64), f.astype(np.float64),
+                         ("EN", "MI", "SSIM", "Qabf", "VIF"), max_slices=4)
+    assert quality.scored_slices == again.scored_slices
+    for name, value in quality.summary.items():
+        assert value == pytest.approx(again.summary[name], rel=1e-9)
