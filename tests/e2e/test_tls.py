@@ -75,8 +75,16 @@ def _tls_node(tmp_path: Path, pki: dict[str, Path], require_client_cert: bool, *
 
 
 def _callers(scp: StoreSCP) -> set[str]:
+    """Calling AEs of the associations the node accepted."""
     with scp.db.session() as s:
-        return set(s.scalars(select(Association.calling_ae)))
+        return set(s.scalars(select(Association.calling_ae).where(Association.accepted.is_(True))))
+
+
+def _failed_handshakes(scp: StoreSCP) -> list[str]:
+    """Reasons of the connections refused before any association (recorded, not accepted)."""
+    with scp.db.session() as s:
+        rows = s.scalars(select(Association).where(Association.accepted.is_(False))).all()
+    return [r.reason for r in rows if r.reason.startswith("TLS handshake")]
 
 
 def _tls_alert(port: int, pki: dict[str, Path], client: str) -> str:
@@ -118,6 +126,9 @@ def test_storescu_over_tls_to_node(tmp_path, pki, files, require_client_cert):
                          extra_args=["+tls", str(pki["rogue_key"]), str(pki["rogue"]), "+cf", str(pki["ca"])])
             assert "unknown ca" in _tls_alert(scp.port, pki, "rogue").lower()
         assert _callers(scp) == {"TLSSCU"}  # neither refusal became an association
+        # ... but each refused connection is audited with the TLS reason.
+        refused = _failed_handshakes(scp)
+        assert len(refused) >= (3 if require_client_cert else 1), refused
         # The listener survives both refusals.
         storescu(tool, files[:1], port=scp.port, calling_ae="TLSSCU", extra_args=tls_args)
         assert _stored(scp) == len(files)  # the repeat is idempotent
