@@ -136,13 +136,16 @@ class InputsUnusable(Exception):
 
 
 def series_files(session: Session, spool_root: Path, series_uid: str) -> list[Path]:
-    """Spool paths of the received instances of one series (relative paths are under the spool).
+    """Spool paths of the received images of one series (relative paths are under the spool).
 
-    Raises InputsUnusable when retention has deleted some of them: a partial series is never fused.
+    Non-image objects filed under the same series (raw data, spectroscopy) are left out. Raises
+    InputsUnusable when retention has deleted some of them: a partial series is never fused.
     """
+    from dicomnode.net.validate import STORAGE_SOP_CLASSES
+
     rows = session.execute(
         select(Instance.spool_path, Instance.purged_at).join(Series, Instance.series_id == Series.id)
-        .where(Series.series_uid == series_uid)
+        .where(Series.series_uid == series_uid, Instance.sop_class_uid.in_(list(STORAGE_SOP_CLASSES)))
     ).all()
     purged = [r.purged_at for r in rows if r.purged_at is not None]
     if purged:

@@ -6,7 +6,9 @@ StudyInstanceUID (rule ``match = "study"``) or same PatientID with study dates a
 always, PatientName and PatientBirthDate when both series carry them. A disagreement is refused
 (a ``Rejection`` row and one log line, no job): the node never fuses across patients. So is a
 series flagged at receive with an identity conflict (an instance of another patient or study
-under its SeriesInstanceUID), whichever side of the pair it is on.
+under its SeriesInstanceUID), whichever side of the pair it is on. Only series holding images of
+the classes the node fuses are paired: a non-image object that claims an image modality (Raw
+Data or MR Spectroscopy with Modality CT/MR, say) is stored and audited, never fused.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import logging
 from dataclasses import dataclass
 from datetime import date
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from dicomnode.audit.models import Rejection, Series, SeriesState
+from dicomnode.audit.models import Instance, Rejection, Series, SeriesState
 from dicomnode.config import PairingRule
 from dicomnode.identity import normalise_name
+from dicomnode.net.validate import STORAGE_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +122,23 @@ def _within_days(a: str, b: str, max_days: int) -> bool:
     return abs((da - db).days) <= max_days
 
 
+def _holds_no_images():
+    """SQL condition on Series: it has instances, none of a fused image SOP class."""
+    any_instance = exists().where(Instance.series_id == Series.id)
+    image = exists().where(Instance.series_id == Series.id, Instance.sop_class_uid.in_(list(STORAGE_SOP_CLASSES)))
+    return any_instance & ~image
+
+
+def _pairable(session: Session, series: Series) -> bool:
+    return not session.scalar(select(_holds_no_images()).where(Series.id == series.id))
+
+
 def _candidates(session: Session, series: Series, rule: PairingRule, partner_modality: str) -> list[Series]:
     query = select(Series).where(
         Series.state == SeriesState.complete,
         Series.modality == partner_modality,
         Series.id != series.id,
+        ~_holds_no_images(),
     )
     if rule.match == "study":
         query = query.where(Series.study_uid == series.study_uid)
@@ -141,6 +156,8 @@ def find_pairings(session: Session, series_uid: str, rules: tuple[PairingRule, .
     series = session.scalars(select(Series).where(Series.series_uid == series_uid)).one()
     pairings: list[Pairing] = []
     refusals: list[Refusal] = []
+    if not _pairable(session, series):
+        return pairings, refusals
     me = SeriesRef.of(series)
     for rule in rules:
         if series.modality not in (rule.fixed, rule.moving):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
 from sqlalchemy import select
 
 from tests.backends import BACKENDS, open_test_db
@@ -39,7 +40,8 @@ def seed_pair(db, spool_root: Path, calling_ae="PACS"):
                          calling_ae=calling_ae, received_count=1)
             s.add(row)
             s.flush()
-            s.add(Instance(sop_instance_uid=uid + ".1", sop_class_uid="1.2", series_id=row.id, transfer_syntax_uid="1.2",
+            sop_class = CTImageStorage if modality == "CT" else PositronEmissionTomographyImageStorage
+            s.add(Instance(sop_instance_uid=uid + ".1", sop_class_uid=sop_class, series_id=row.id, transfer_syntax_uid="1.2",
                            size_bytes=1, sha256="0" * 64, spool_path=f"incoming/{uid}.dcm"))
             refs[modality] = SeriesRef.of(row)
         job = create_job(s, Pairing(refs["CT"], refs["PT"], cfg.pairing[0]), "alpha")

@@ -124,3 +124,23 @@ def test_a_series_flagged_with_an_identity_conflict_is_never_paired(db):
         assert pairings == [] and len(refusals) == 1
         assert refusals[0].mismatch == ("identity_conflict",)
         assert "series ct has an identity conflict" in refusals[0].reason
+
+
+def test_a_series_of_non_image_objects_is_never_paired(db):
+    """Raw Data (or MR Spectroscopy) objects may carry Modality CT/MR: stored and audited, never fused."""
+    from dicomnode.audit.models import Instance
+
+    raw_data, ct_image = "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.2"
+    add(db, "raw", "CT")
+    add(db, "ct", "CT")
+    add(db, "pt", "PT")
+    with db.session() as s:
+        ids = {r.series_uid: r.id for r in s.scalars(select(Series))}
+        for n, (series, sop_class) in enumerate([("raw", raw_data), ("ct", ct_image), ("ct", raw_data), ("pt", "1.2.840.10008.5.1.4.1.1.128")]):
+            s.add(Instance(sop_instance_uid=f"9.{n}", sop_class_uid=sop_class, series_id=ids[series],
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64, spool_path=f"/x/{n}"))
+    with db.session() as s:
+        assert find_pairings(s, "raw", (CT_PT,)) == ([], [])
+        pairings, refusals = find_pairings(s, "pt", (CT_PT,))
+    # The CT series that holds an image (beside a raw data object) pairs; the raw-data-only one does not.
+    assert refusals == [] and [(p.fixed.series_uid, p.moving.series_uid) for p in pairings] == [("ct", "pt")]
