@@ -209,7 +209,8 @@ class FusionConfig(_Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
     # Colour map for functional (PT/NM) images: hot | jet | pet | gray.
     colormap: str = "hot"
-    # Relative paths are tried from the working directory, then from the installed project root.
+    # Relative paths are tried from the working directory, then from the installed package (which
+    # ships models/fusion_net.pt as package data).
     weights: Path = Path("models/fusion_net.pt")
     batch_size: int = Field(16, ge=1)
     # CT windows (center, width) in HU; the brain window applies to head body parts.
