@@ -55,3 +55,32 @@ def test_pydicom_vr_warnings_stay_quiet_even_when_pydicom_is_imported_later():
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "set " + "X" * 18
     assert "exceeds the maximum length" not in run.stderr
+
+
+def test_highdicom_narration_is_debug_only():
+    # A real output build (fresh interpreter): at INFO its "copy ...-related attributes" lines are
+    # gone; at DEBUG they are shown, so the check would see them if the demotion were missing.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tempfile, numpy as np\n"
+        "from pathlib import Path\n"
+        "from dicomnode.config import LoggingConfig\n"
+        "from dicomnode.log import setup_logging\n"
+        "from dicomnode.dicomio.parametric_map import build_parametric_map\n"
+        "from dicomnode.imaging.volume import load_series\n"
+        "from dicomnode.testing.study import write_synthetic_study\n"
+        "setup_logging(LoggingConfig(level=sys.argv[1]))\n"
+        "files = write_synthetic_study(Path(tempfile.mkdtemp()), modalities=('CT',), shape=(4, 16, 16))['CT']\n"
+        "ct = load_series(files)\n"
+        "build_parametric_map(ct, np.zeros((4, 16, 16)), quantity='contribution', series_number=9002,\n"
+        "                     series_description='test', sources=[ct])\n"
+        "print('built')\n"
+    )
+    runs = {level: subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=120)
+            for level in ("INFO", "DEBUG")}
+    for run in runs.values():
+        assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr
+    assert "highdicom" in runs["DEBUG"].stderr and "attributes" in runs["DEBUG"].stderr
+    assert "highdicom" not in runs["INFO"].stderr
