@@ -98,3 +98,26 @@ def test_non_editable_install_serves_with_the_shipped_weights(tmp_path):
             proc.kill()
     assert "event=node_started" in log and "event=node_stopped" in log
     assert (run / "var" / "dicomnode.db").is_file()
+
+
+def test_systemd_unit_paths_match_the_admin_guide_install_steps():
+    unit = (REPO / "systemd" / "dicomnode.service").read_text()
+    guide = (REPO / "docs" / "admin-guide.md").read_text()
+    steps = guide.split("## Install", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    keys: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            keys.setdefault(key, []).append(value)
+    program, *args = keys["ExecStart"][0].split()
+    venv = program.rsplit("/bin/", 1)[0]
+    assert program == f"{venv}/bin/dicomnode" and keys["ExecStartPre"][0].startswith(f"{program} check-config ")
+    # The venv the unit runs is the one the steps create and install the package into (not editable).
+    assert f"python3 -m venv {venv}\n" in steps and f"{venv}/bin/pip install '.[" in steps and " -e " not in steps
+    config = args[args.index("--config") + 1]
+    assert keys["ExecStartPre"][0].endswith(f" {config}") and f" {config}" in steps
+    user, home = keys["User"][0], keys["WorkingDirectory"][0]
+    assert f"useradd --system --home {home} {user}" in steps
+    assert f"install -d -o {user} -g {keys['Group'][0]} {home}" in steps and keys["ReadWritePaths"] == [home]
+    doc = keys["Documentation"][0].removeprefix("file://")
+    assert f"docs/{Path(doc).name} {Path(doc).parent}/" in steps
