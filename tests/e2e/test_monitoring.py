@@ -57,10 +57,17 @@ def wait_done(node: Node, timeout_s: float) -> Job:
     raise AssertionError(f"job not finished within {timeout_s} s: {job and (job.state, job.reason)}")
 
 
-def test_health_and_metrics_during_a_real_run(tmp_path):
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> dict:
+    """One node run: storescu sends CT + PET (and one bad instance), the job runs, storescp gets the outputs.
+
+    /health is read before any input and /metrics mid-run and at the end; the audit database is left
+    for the audit CLI test.
+    """
     from dicomnode.testing.study import write_synthetic_study
 
     storescp, scu = require_tool("storescp"), require_tool("storescu")
+    tmp_path = tmp_path_factory.mktemp("run")
     study = write_synthetic_study(tmp_path / "study", modalities=("CT", "PT"), shape=(24, 48, 48), seed=3)
     # One CT file without its SeriesInstanceUID: refused with a failure status, counted as a rejection.
     bad = pydicom.dcmread(study["CT"][0])
@@ -76,6 +83,8 @@ def test_health_and_metrics_during_a_real_run(tmp_path):
             "destinations": [{"name": "back", "ae_title": SENDER, "host": "127.0.0.1", "port": peer.port}],
             "sending": {"initial_delay_s": 0.5},
             "processing": {"device": "cpu"},
+            # The series share a frame of reference; register anyway (one stage) so the audit view has a stage row.
+            "registration": {"mode": "always", "stages": ["rigid"]},
             "http": {"enabled": True, "port": 0},
         })
         node = Node(cfg)
@@ -91,14 +100,19 @@ def test_health_and_metrics_during_a_real_run(tmp_path):
             subprocess.run([scu, "-aet", SENDER, "-aec", "DICOMNODE", "127.0.0.1", str(node_port), str(tmp_path / "bad.dcm")],
                            env=ENV, capture_output=True, timeout=60)
             during = samples(base)  # mid-run: received, probably still processing
-            assert during[("dicomnode_instances_received_total", (("modality", "CT"),))] == len(study["CT"])
 
             job = wait_done(node, 180)
             assert job.state == JobState.done, job.reason
             after = samples(base)
-            outputs = len(job.outputs["series"])
         finally:
             node.stop()
+    return {"study": study, "job": job, "during": during, "after": after, "url": cfg.storage.database_url}
+
+
+def test_metrics_during_a_real_run(real_run):
+    study, job, after = real_run["study"], real_run["job"], real_run["after"]
+    outputs = len(job.outputs["series"])
+    assert real_run["during"][("dicomnode_instances_received_total", (("modality", "CT"),))] == len(study["CT"])
     assert after[("dicomnode_instances_received_total", (("modality", "PT"),))] == len(study["PT"])
     assert after[("dicomnode_instances_rejected_total", (("status", "0xA900"),))] == 1
     assert after[("dicomnode_associations_total", (("result", "accepted"),))] == 2
@@ -119,6 +133,41 @@ def test_health_and_metrics_during_a_real_run(tmp_path):
     assert after[("dicomnode_spool_files", (("area", "quarantine"),))] == 2  # the instance and its reason
     assert after[("dicomnode_gpu_in_use", ())] == 0  # device = cpu
     assert after[("dicomnode_health_check", (("check", "spool"),))] == 1
+
+
+def test_audit_job_summary_of_the_real_run(real_run, capsys):
+    from dicomnode.cli import main
+
+    study, job = real_run["study"], real_run["job"]
+    assert main(["audit", "--database-url", real_run["url"], "--job", str(job.id)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0] == f"job {job.id}: done  rule PT->CT  method network"
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
+    assert rows["fixed"][1:2] == ["CT"] and f"{len(study['CT'])}/?" in rows["fixed"] and SENDER in rows["fixed"]
+    assert rows["moving"][1:2] == ["PT"] and f"{len(study['PT'])}/{len(study['PT'])}" in rows["moving"]
+    assert "registration: " in text and "transform " in text
+    # The stage row: name, kept, held-out metric before/after, iterations, seconds.
+    stage = rows["rigid"]
+    assert stage[1] in ("yes", "no") and float(stage[2]) < 0 and float(stage[3]) < 0 and int(stage[4]) >= 1
+    assert float(stage[5]) == pytest.approx(job.registration["stages"][0]["seconds"], abs=0.051)
+    # One row per output series: kind, instance count, series number, description (from the files).
+    fused = rows["fused"]
+    assert fused[1:3] == [str(len(study["CT"])), "9001"] and "FUSED" in text
+    assert rows["heatmap"][1:3] == ["1", "9002"]
+    assert sum(line.split()[:1] == ["back"] and "sent" in line.split() for line in lines) == len(job.outputs["series"])
+    assert {"MI", "SSIM"} <= set(rows) and "timings (s): " in text and "register=" in text
+    # Readable: no raw dictionaries, no file paths, no line a terminal must wrap many times.
+    assert "{" not in text and ".dcm" not in text and max(map(len, lines)) < 200
+    assert "DN-SYN-001" not in text and "Synthetic" not in text
+
+    assert main(["audit", "--database-url", real_run["url"], "--job", str(job.id), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["id"] == job.id and record["state"] == "done"
+    assert record["registration"]["stages"][0]["name"] == "rigid"
+    assert sum(o["count"] for o in record["outputs"]["series"]) == sum(len(o["files"]) for o in record["outputs"]["series"])
+    assert [e["to"] for e in record["events"]] == ["paired", "processing", "encoded", "sending", "done"]
+    assert any(m["slice_index"] is None for m in record["metrics"]) and len(record["sends"]) == len(job.outputs["series"])
 
 
 def test_health_is_503_with_the_reason_when_the_spool_is_not_writable(tmp_path):
