@@ -84,3 +84,23 @@ def test_highdicom_narration_is_debug_only():
         assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr
     assert "highdicom" in runs["DEBUG"].stderr and "attributes" in runs["DEBUG"].stderr
     assert "highdicom" not in runs["INFO"].stderr
+
+
+def test_admin_guide_log_lines_are_lines_the_node_writes():
+    # Each example line names the module that logs it and an event that module emits; instances
+    # are logged at DEBUG only, so an INFO instance_stored line would be a made-up example.
+    import re
+
+    from tests.conftest import REPO
+
+    guide = (REPO / "docs" / "admin-guide.md").read_text()
+    block = guide.split("## Run and observe", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 10
+    for line in lines:
+        ts, level, logger_name, message = line.split(" ", 3)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts) and level in ("INFO", "WARNING", "ERROR")
+        name = re.match(r"event=(\w+)", message).group(1)
+        source = (REPO / (logger_name.replace(".", "/") + ".py")).read_text()
+        assert f'"event={name} ' in source or f'"{name}"' in source, line
+        assert name != "instance_stored", line
