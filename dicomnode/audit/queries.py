@@ -187,7 +187,7 @@ def job_record(db: AuditDB, job_id: int) -> dict | None:
                   for role, uid in (("fixed", job.fixed_series_uid), ("moving", job.moving_series_uid))}
         return {
             **columns,
-            # Series as the node saw them; patient identifiers stay out of this view as of the text one.
+            # The input series as the node saw them; patient identifiers stay out, as in the text view.
             "inputs": {role: None if s is None else {
                 "series_uid": s.series_uid, "modality": s.modality, "calling_ae": s.calling_ae,
                 "received_count": s.received_count, "expected_count": s.expected_count, "state": s.state.value,
@@ -271,6 +271,9 @@ def audit_command(args) -> int:
     state = getattr(args, "state", None)
     if state is not None and state not in JobState.__members__:
         print(f"unknown job state {state!r}; one of: {', '.join(JobState.__members__)}")
+        return 2
+    if getattr(args, "json", False) and getattr(args, "job", None) is None:
+        print("--json needs --job N (the summary is text only)")
         return 2
     where = AuditFilter(getattr(args, "study", None), getattr(args, "patient", None), state and JobState(state))
     url = getattr(args, "database_url", None) or config.storage.database_url

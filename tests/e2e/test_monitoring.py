@@ -168,6 +168,8 @@ def test_audit_job_summary_of_the_real_run(real_run, capsys):
     assert sum(o["count"] for o in record["outputs"]["series"]) == sum(len(o["files"]) for o in record["outputs"]["series"])
     assert [e["to"] for e in record["events"]] == ["paired", "processing", "encoded", "sending", "done"]
     assert any(m["slice_index"] is None for m in record["metrics"]) and len(record["sends"]) == len(job.outputs["series"])
+    assert main(["audit", "--database-url", real_run["url"], "--json"]) == 2
+    assert "--json needs --job N" in capsys.readouterr().out
 
 
 def test_health_is_503_with_the_reason_when_the_spool_is_not_writable(tmp_path):
