@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test bench bench-full clean
 
 install: system-deps $(STAMP)
 
@@ -37,10 +37,23 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra
 
-# Full-size benchmarks (minutes); figures go to docs/benchmarks.md by hand after review.
+# Every benchmark, quickly sized (a few minutes on 2 cores): shows they all run. Figures for
+# docs/benchmarks.md come from `make bench-full` (full size, elastix/ANTs as references; tens of
+# minutes), reviewed by hand.
 bench: install
+	$(PY) benchmarks/receive.py --count 60 --reps 1 --parallel 2
+	$(PY) benchmarks/registration.py --size 96 96 64 --cases CT --refs ""
+	$(PY) benchmarks/fusion_speed.py --sizes 256 --seconds 1
+	$(PY) benchmarks/fusion_quality.py --stride 20
+	$(PY) benchmarks/end_to_end.py --reps 1 --synthetic --modes auto
+
+bench-full: install
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/receive.py
+	$(PY) benchmarks/registration.py
+	$(PY) benchmarks/fusion_speed.py
+	$(PY) benchmarks/fusion_quality.py
+	$(PY) benchmarks/end_to_end.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=None)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--job", type=int, default=None, help="show one job with its events and metrics")
+    p.add_argument("--json", action="store_true", help="with --job: the full record as JSON")
     p.add_argument("--study", default=None, help="only this StudyInstanceUID")
     p.add_argument("--patient", default=None, help="only this PatientID")
     p.add_argument("--state", default=None, help="only jobs in this state (paired, processing, ..., done, failed)")

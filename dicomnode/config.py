@@ -219,7 +219,8 @@ class FusionConfig(_Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
     # Colour map for functional (PT/NM) images: hot | jet | pet | gray.
     colormap: str = "hot"
-    # Relative paths are tried from the working directory, then from the installed project root.
+    # Relative paths are tried from the working directory, then from the installed package (which
+    # ships models/fusion_net.pt as package data).
     weights: Path = Path("models/fusion_net.pt")
     batch_size: int = Field(16, ge=1)
     # CT windows (center, width) in HU; the brain window applies to head body parts.
@@ -286,6 +287,17 @@ class RetentionConfig(_Section):
     audit_days: int = Field(0, ge=0)
 
 
+class HttpConfig(_Section):
+    """The monitoring endpoint: ``/health`` and ``/metrics`` (Prometheus) over plain HTTP."""
+
+    enabled: bool = False
+    # Loopback by default: the endpoint has no authentication; expose it through a proxy or firewall.
+    host: str = "127.0.0.1"
+    port: int = Field(9112, ge=0, le=65535, description="0 = any free port")
+    # Upper bounds (seconds) of the job stage duration histogram buckets.
+    stage_buckets_s: tuple[float, ...] = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["kv", "json"] = "kv"
@@ -306,6 +318,7 @@ class Config(_Section):
     processing: ProcessingConfig = ProcessingConfig()
     sending: SendingConfig = SendingConfig()
     retention: RetentionConfig = RetentionConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -327,6 +327,11 @@ class JobWorker:
         self._thread = None
         return stopped
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs (the health check)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, job_id: int) -> None:
         with self._lock:
             self._pending += 1

@@ -114,6 +114,8 @@ def setup_logging(cfg: LoggingConfig) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.INFO if cfg.level == "DEBUG" else logging.WARNING)
     # Alembic narrates every migration step at INFO; an upgrade is worth one line from us, not ten.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # highdicom narrates each output it builds ("copy Patient-related attributes ...", ~37 lines a job).
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING)
     # pydicom warns once per element about source data that breaks a VR rule (a 17-character SH
     # from a modality, say); we pass such values through unchanged, so the lines say nothing new.
     # Its first import resets its logger to WARNING, so import it before setting the level.

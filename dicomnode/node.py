@@ -55,6 +55,7 @@ class Node:
     """One running node. ``process`` replaces the processing stage (default ``pipeline.process_job``)."""
 
     def __init__(self, config: Config, process: ProcessFn | None = None):
+        from dicomnode.monitoring import MonitoringServer
         from dicomnode.net.scp import StoreSCP
         from dicomnode.net.scu import SendQueue
 
@@ -72,6 +73,7 @@ class Node:
                                 warm_up=warm_up)
         self.scp = StoreSCP(config, self.db, self.spool, on_instance=self._on_instance)
         self._scheduler = None
+        self.monitor = MonitoringServer(self) if config.http.enabled else None
         # Completion + pairing run from the timer and from association threads; one at a time.
         self._pairing_lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -108,6 +110,12 @@ class Node:
             self.worker.stop(timeout=5)
             node = self.config.node
             raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
+        if self.monitor is not None:
+            try:
+                self.monitor.start()
+            except Exception as exc:
+                self.stop()
+                raise StartupError(str(exc)) from exc
         log.info("event=node_started ae_title=%s host=%s port=%d requeued=%d resent=%d", self.config.node.ae_title,
                  self.config.node.host, self.config.node.port, counts["requeued"], counts["resend"])
 
@@ -125,6 +133,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, finish the job in hand, stop timers, close the database."""
+        if self.monitor is not None:
+            self.monitor.stop()
         self.scp.stop()
         self.worker.stop()
         if self._scheduler is not None:

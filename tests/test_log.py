@@ -55,3 +55,52 @@ def test_pydicom_vr_warnings_stay_quiet_even_when_pydicom_is_imported_later():
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "set " + "X" * 18
     assert "exceeds the maximum length" not in run.stderr
+
+
+def test_highdicom_narration_is_debug_only():
+    # A real output build (fresh interpreter): at INFO its "copy ...-related attributes" lines are
+    # gone; at DEBUG they are shown, so the check would see them if the demotion were missing.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tempfile, numpy as np\n"
+        "from pathlib import Path\n"
+        "from dicomnode.config import LoggingConfig\n"
+        "from dicomnode.log import setup_logging\n"
+        "from dicomnode.dicomio.parametric_map import build_parametric_map\n"
+        "from dicomnode.imaging.volume import load_series\n"
+        "from dicomnode.testing.study import write_synthetic_study\n"
+        "setup_logging(LoggingConfig(level=sys.argv[1]))\n"
+        "files = write_synthetic_study(Path(tempfile.mkdtemp()), modalities=('CT',), shape=(4, 16, 16))['CT']\n"
+        "ct = load_series(files)\n"
+        "build_parametric_map(ct, np.zeros((4, 16, 16)), quantity='contribution', series_number=9002,\n"
+        "                     series_description='test', sources=[ct])\n"
+        "print('built')\n"
+    )
+    runs = {level: subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=120)
+            for level in ("INFO", "DEBUG")}
+    for run in runs.values():
+        assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr
+    assert "highdicom" in runs["DEBUG"].stderr and "attributes" in runs["DEBUG"].stderr
+    assert "highdicom" not in runs["INFO"].stderr
+
+
+def test_admin_guide_log_lines_are_lines_the_node_writes():
+    # Each example line names the module that logs it and an event that module emits; instances
+    # are logged at DEBUG only, so an INFO instance_stored line would be a made-up example.
+    import re
+
+    from tests.conftest import REPO
+
+    guide = (REPO / "docs" / "admin-guide.md").read_text()
+    block = guide.split("## Run and observe", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 10
+    for line in lines:
+        ts, level, logger_name, message = line.split(" ", 3)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts) and level in ("INFO", "WARNING", "ERROR")
+        name = re.match(r"event=(\w+)", message).group(1)
+        source = (REPO / (logger_name.replace(".", "/") + ".py")).read_text()
+        assert f'"event={name} ' in source or f'"{name}"' in source, line
+        assert name != "instance_stored", line

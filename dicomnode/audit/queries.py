@@ -5,6 +5,7 @@ The text names series by UID and modality only; patient identifiers stay in the 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,58 +141,126 @@ def summary_text(db: AuditDB, limit: int = 20, where: AuditFilter = AuditFilter(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def job_text(db: AuditDB, job_id: int) -> str:
-    """One job with its state changes, outputs, sends and metrics, as text."""
+def _output_header(files: list) -> tuple[str, str]:
+    """(SeriesNumber, SeriesDescription) from an output series' first file; "-" once it is purged."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesNumber", "SeriesDescription"])
+    except (IndexError, OSError, pydicom.errors.InvalidDicomError):
+        return "-", "-"
+    return str(ds.get("SeriesNumber", "-")), str(ds.get("SeriesDescription", "-"))
+
+
+def _num(value, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _registration_lines(reg: dict) -> list[str]:
+    if not reg:
+        return ["registration: (not recorded)", ""]
+    if reg.get("skipped_reason"):
+        return [f"registration: not run ({reg['skipped_reason']}); resampled only", ""]
+    head = (f"registration: {_num(reg.get('seconds'), '.1f')} s, start {reg.get('initialization') or '-'}, "
+            f"transform {reg.get('transform') or '-'}, deformable {'yes' if reg.get('deformable') else 'no'}")
+    rows = [[st["name"], "yes" if st.get("kept") else "no", _num(st.get("metric_before")), _num(st.get("metric_after")),
+             str(st.get("iterations", "-")), _num(st.get("seconds"), ".1f"),
+             ",".join(f"{v:g}" for v in st.get("levels_mm") or ()) or "-", st.get("note") or ""]
+            for st in reg.get("stages", [])]
+    # Metric: held-out Mattes mutual information, SimpleITK's sign (lower is better).
+    return [head] + _table("  stages", ["stage", "kept", "metric before", "metric after", "iterations", "seconds",
+                                        "levels mm", "note"], rows)[1:]
+
+
+def job_record(db: AuditDB, job_id: int) -> dict | None:
+    """Everything the audit database holds about one job, JSON-able (``audit --job N --json``)."""
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
-            return f"no job {job_id}\n"
-        lines = [
-            f"job {job.id}: {job.state.value} rule={job.rule} method={job.method}",
-            f"  fixed  {job.fixed_series_uid}",
-            f"  moving {job.moving_series_uid}",
-            f"  study  {job.study_uid}",
-            f"  created {_ts(job.created_at)} updated {_ts(job.updated_at)} seconds {_seconds(job)}",
-        ]
-        if job.reason:
-            lines.append(f"  reason: {job.reason}")
-        if job.quality_flag:
-            lines.append(f"  quality flag: {job.quality_flag}")
-        for label, data in (("timings", job.timings), ("registration", job.registration), ("outputs", job.outputs)):
-            if data:
-                lines.append(f"  {label}: " + ", ".join(f"{k}={v}" for k, v in data.items()))
+            return None
+        columns = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        columns["state"] = job.state.value
         events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
-        lines.append("")
-        lines += _table("events", ["at", "from", "to", "detail"], [[_ts(e.at), e.from_state or "-", e.to_state, e.detail or ""] for e in events])
-        per_series = session.execute(
-            select(Metric.name, Metric.value).where(Metric.job_id == job_id, Metric.slice_index.is_(None)).order_by(Metric.name)
-        ).all()
-        per_slice = session.execute(
-            select(Metric.name, func.count(), func.min(Metric.value), func.avg(Metric.value), func.max(Metric.value))
-            .where(Metric.job_id == job_id, Metric.slice_index.is_not(None))
-            .group_by(Metric.name)
-            .order_by(Metric.name)
-        ).all()
-        slice_stats = {name: (n, lo, mean, hi) for name, n, lo, mean, hi in per_slice}
-        names = sorted({n for n, _ in per_series} | set(slice_stats))
-        series_values = dict(per_series)
-        metric_rows = []
-        for name in names:
-            n, lo, mean, hi = slice_stats.get(name, (0, None, None, None))
-            fmt = lambda v: f"{v:.4g}" if v is not None else "-"  # noqa: E731
-            metric_rows.append([name, fmt(series_values.get(name)), str(n), fmt(lo), fmt(mean), fmt(hi)])
-        lines += _table("metrics", ["name", "series", "slices", "min", "mean", "max"], metric_rows)
+        metrics = session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.id)).all()
         sends = session.scalars(select(Send).where(Send.job_id == job_id).order_by(Send.id)).all()
-        lines += _table(
-            "sends",
-            ["id", "destination", "series", "files", "state", "attempts", "sent", "last status"],
-            [[str(s.id), s.destination, s.series_uid, str(len(s.files or [])), s.state.value, str(s.attempts), _ts(s.sent_at), s.last_status or ""] for s in sends],
-        )
+        inputs = {role: session.scalars(select(Series).where(Series.series_uid == uid)).first()
+                  for role, uid in (("fixed", job.fixed_series_uid), ("moving", job.moving_series_uid))}
+        return {
+            **columns,
+            # The input series as the node saw them; patient identifiers stay out, as in the text view.
+            "inputs": {role: None if s is None else {
+                "series_uid": s.series_uid, "modality": s.modality, "calling_ae": s.calling_ae,
+                "received_count": s.received_count, "expected_count": s.expected_count, "state": s.state.value,
+                "completion_reason": s.completion_reason, "frame_of_reference_uid": s.frame_of_reference_uid,
+            } for role, s in inputs.items()},
+            "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "detail": e.detail} for e in events],
+            "metrics": [{"name": m.name, "slice_index": m.slice_index, "value": m.value} for m in metrics],
+            "sends": [{c.name: getattr(x, c.name) for c in Send.__table__.columns} | {"state": x.state.value}
+                      for x in sends],
+        }
+
+
+def job_text(db: AuditDB, job_id: int) -> str:
+    """One job as an administrator reads it: inputs, registration, outputs, sends, metrics, events."""
+    record = job_record(db, job_id)
+    if record is None:
+        return f"no job {job_id}\n"
+    timings = record["timings"] or {}
+    lines = [
+        f"job {record['id']}: {record['state']}  rule {record['rule']}  method {record['method']}",
+        f"  study {record['study_uid']}",
+        f"  created {_ts(record['created_at'])}  updated {_ts(record['updated_at'])}  "
+        f"total {_num(timings.get('total_s'), '.1f')} s",
+    ]
+    if record["reason"]:
+        lines.append(f"  reason: {record['reason']}")
+    if record["quality_flag"]:
+        lines.append(f"  quality flag: {record['quality_flag']}")
+    lines.append("")
+    input_rows = []
+    for role in ("fixed", "moving"):
+        s = record["inputs"][role]
+        uid = record[f"{role}_series_uid"]
+        if s is None:
+            input_rows.append([role, "-", uid, "-", "-", "(no series row)"])
+        else:
+            expected = "?" if s["expected_count"] is None else s["expected_count"]
+            input_rows.append([role, s["modality"], uid, f"{s['received_count']}/{expected}", s["calling_ae"],
+                               s["completion_reason"] or s["state"]])
+    lines += _table("inputs", ["role", "modality", "series", "instances", "from", "completed by"], input_rows)
+    lines += _registration_lines(record["registration"] or {})
+    stages = [f"{k}={v:.2f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in timings.items() if k != "total_s"]
+    lines += [f"timings (s): {' '.join(stages) or '(none)'}", ""]
+    output_rows = []
+    for out in (record["outputs"] or {}).get("series", []):
+        number, description = _output_header(out.get("files") or [])
+        output_rows.append([out.get("kind", "-"), str(out.get("count", len(out.get("files") or []))), number,
+                            description, out.get("series_uid", "-")])
+    lines += _table("outputs", ["kind", "instances", "series number", "description", "series"], output_rows)
+    lines += _table(
+        "sends",
+        ["destination", "series", "files", "state", "attempts", "sent", "last status"],
+        [[x["destination"], _short(x["series_uid"]), str(len(x["files"] or [])), x["state"], str(x["attempts"]),
+          _ts(x["sent_at"]), x["last_status"] or ""] for x in record["sends"]],
+    )
+    per_series = {m["name"]: m["value"] for m in record["metrics"] if m["slice_index"] is None}
+    per_slice: dict[str, list[float]] = defaultdict(list)
+    for m in record["metrics"]:
+        if m["slice_index"] is not None:
+            per_slice[m["name"]].append(m["value"])
+    metric_rows = []
+    for name in sorted(set(per_series) | set(per_slice)):
+        values = per_slice.get(name, [])
+        stats = (min(values), sum(values) / len(values), max(values)) if values else (None, None, None)
+        metric_rows.append([name, _num(per_series.get(name)), str(len(values)), *map(_num, stats)])
+    lines += _table("metrics", ["name", "series", "slices", "min", "mean", "max"], metric_rows)
+    lines += _table("events", ["at", "from", "to", "detail"],
+                    [[_ts(e["at"]), e["from"] or "-", e["to"], e["detail"] or ""] for e in record["events"]])
     return "\n".join(lines).rstrip() + "\n"
 
 
 def audit_command(args) -> int:
-    """``dicomnode audit [--config F] [--database-url U] [--limit N] [--job N | --study UID --patient ID --state S]``."""
+    """``dicomnode audit [--config F] [--database-url U] [--limit N] [--job N [--json] | --study UID --patient ID --state S]``."""
     from dicomnode.config import ConfigError, load_config
 
     try:
@@ -203,11 +272,20 @@ def audit_command(args) -> int:
     if state is not None and state not in JobState.__members__:
         print(f"unknown job state {state!r}; one of: {', '.join(JobState.__members__)}")
         return 2
+    if getattr(args, "json", False) and getattr(args, "job", None) is None:
+        print("--json needs --job N (the summary is text only)")
+        return 2
     where = AuditFilter(getattr(args, "study", None), getattr(args, "patient", None), state and JobState(state))
     url = getattr(args, "database_url", None) or config.storage.database_url
     db = AuditDB.open(url)
     try:
-        if getattr(args, "job", None) is not None:
+        if getattr(args, "job", None) is not None and getattr(args, "json", False):
+            record = job_record(db, args.job)
+            if record is None:
+                print(f"no job {args.job}")
+                return 1
+            print(json.dumps(record, indent=2, default=str))
+        elif getattr(args, "job", None) is not None:
             print(job_text(db, args.job), end="")
         else:
             print(summary_text(db, limit=getattr(args, "limit", 20), where=where), end="")

@@ -22,7 +22,9 @@ from dicomnode.fusion.color import colorize, is_grey, rgb_to_ycbcr, ycbcr_to_rgb
 log = logging.getLogger(__name__)
 
 NETWORK = "network"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The installed package: ``models/`` in it holds the shipped weights (package data in a wheel; a
+# link to the project's models/ folder in a source checkout).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -65,10 +67,10 @@ def available_methods() -> dict[str, str]:
 
 
 def resolve_weights(path: Path) -> Path:
-    """A relative weights path is tried from the working directory, then from the project root."""
+    """A relative weights path is tried from the working directory, then from the installed package."""
     if path.is_absolute() or path.exists():
         return path
-    candidate = PROJECT_ROOT / path
+    candidate = PACKAGE_ROOT / path
     return candidate if candidate.exists() else path
 
 

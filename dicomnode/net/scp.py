@@ -156,6 +156,11 @@ class StoreSCP:
         log_event(log, "scp_stopped", ae=self.config.node.ae_title)
 
     @property
+    def listening(self) -> bool:
+        """True while the server socket is open (the health check's "SCP accepts")."""
+        return self._server is not None and self._server.socket.fileno() != -1
+
+    @property
     def port(self) -> int:
         """The TCP port listened on (the real one when the configured port is 0)."""
         if self._server is None:
