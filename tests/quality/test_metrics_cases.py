@@ -22,7 +22,7 @@ from dicomnode.quality.metrics import (
 def test_registry_has_every_issue_key_with_direction():
     expected = ["EN", "SD", "SF", "AG", "MI", "SSIM", "SSIM_A", "SSIM_B", "MSE", "PSNR", "CC", "SCD", "Qabf",
                 "VIF", "VIFF", "FMI_pixel", "FMI_dct", "FMI_w", "FMI_gradient", "Qcb", "Qcv", "QNCIE", "EPI",
-                "FSIM", "DFRS"]
+                "FSIM", "DFRS", "Kept"]
     assert list(METRIC_NAMES) == expected
     assert [n for n in expected if not METRICS[n].higher_is_better] == ["MSE", "Qcv"]
 
