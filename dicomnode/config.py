@@ -225,6 +225,9 @@ class FusionConfig(_Section):
     alpha_threshold: float = Field(0.02, ge=0.0, lt=1.0)
     # Also compute the Grad-CAM saliency map (network method; costs one backward pass per batch).
     saliency: bool = True
+    # Contribution map: luminance differences |moving - fixed| well below this (prepared 0..1 scale)
+    # count as "both sources agree" and give the moving image no share (fusion.explain.luminance_share).
+    contribution_tau: float = Field(0.05, gt=0, le=1)
 
 
 class QualityConfig(_Section):

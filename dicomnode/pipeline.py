@@ -111,6 +111,15 @@ def _luma(rgb):
     return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
 
 
+def in_body_scale(values, body):
+    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale)."""
+    import numpy as np
+
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    peak = float(inside.max()) if inside.size else 0.0
+    return inside / peak if peak > 0 else inside
+
+
 def warm_up() -> None:
     """Import the imaging, fusion and encoding stacks (seconds on a cold start) before a job waits on them."""
     import highdicom  # noqa: F401
@@ -138,6 +147,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.fusion.api import fuse
     from dicomnode.fusion.color import colorize
     from dicomnode.fusion.prepare import prepare_intensities
+    from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
     from dicomnode.imaging.resample import resample_onto
     from dicomnode.imaging.volume import load_series
@@ -153,6 +163,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         moving_on_fixed = resample_onto(fixed, moving, reg.transform)
     with watch.stage("prepare"):
         fixed_arr = sitk.GetArrayFromImage(fixed.image).astype(np.float32)
+        body = body_mask(fixed_arr, fixed.modality)
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
         a = prepare_intensities(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
         b = prepare_intensities(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
@@ -164,8 +175,9 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         fused = result.fused.detach().float().cpu().clamp(0, 1)
         if fused.shape[1] == 1:
             fused = fused.repeat(1, 3, 1, 1)
-        contribution = result.contribution.detach().float().cpu().numpy()
-        saliency = None if result.saliency is None else result.saliency.detach().float().cpu().numpy()
+        # The maps explain the patient, not the air around them: zero outside the body.
+        contribution = result.contribution.detach().float().cpu().numpy() * body
+        saliency = None if result.saliency is None else in_body_scale(result.saliency.detach().float().cpu().numpy(), body)
     with watch.stage("quality"):
         # A colour-mapped moving image enters the blend by its colours: score it by their luminance.
         b_seen = _luma(moving_in).numpy() if moving_in.shape[1] == 3 else b

@@ -129,6 +129,21 @@ def common_instance_references(study_uid: str, inputs: Sequence[tuple[Volume, Se
     return module
 
 
+def display_order(headers: Sequence[Dataset]) -> list[int]:
+    """Indices of ``headers`` in the order highdicom stores Parametric Map frames (its volume
+    convention: along the negated slice normal, i.e. head to feet for axial slices).
+
+    The fused instances are numbered in this order too, so the fused series and its maps scroll
+    the same way in a viewer.
+    """
+    from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
+
+    normal = get_normal_vector([float(v) for v in headers[0].ImageOrientationPatient],
+                               index_convention=VOLUME_INDEX_CONVENTION)
+    distances = [float(np.dot(normal, [float(v) for v in h.ImagePositionPatient])) for h in headers]
+    return [int(i) for i in np.argsort(distances, kind="stable")]
+
+
 def check_fixed_geometry(fixed: Volume) -> tuple[int, int]:
     """The fixed volume's (rows, columns); raises EncodingError when headers cannot place the slices."""
     if not fixed.headers:

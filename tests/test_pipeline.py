@@ -1,0 +1,100 @@
+"""One job's processing on a synthetic study: the maps, their frame order and the output headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from dicomnode.config import Config, PairingRule
+from dicomnode.dicomio.parametric_map import decode_parametric_map
+from dicomnode.imaging.body import body_mask
+from dicomnode.imaging.volume import load_series
+from dicomnode.pipeline import JobInputs, process_job
+from dicomnode.routing import SeriesRef
+from dicomnode.store.spool import Spool
+from dicomnode.testing.study import write_synthetic_study
+
+
+def _ref(files: list[Path]) -> SeriesRef:
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return SeriesRef(series_uid=ds.SeriesInstanceUID, study_uid=ds.StudyInstanceUID, modality=ds.Modality,
+                     patient_id=ds.PatientID, patient_name=str(ds.PatientName), birth_date=ds.PatientBirthDate,
+                     study_date=ds.StudyDate, frame_of_reference_uid=ds.FrameOfReferenceUID, calling_ae="PEER")
+
+
+def run_job(tmp: Path, paths: dict[str, list[Path]], job_id: int, moving: str, method: str):
+    config = Config(registration={"mode": "never"})
+    inputs = JobInputs(job_id=job_id, rule=PairingRule(fixed="CT", moving=moving), method=method,
+                       fixed=_ref(paths["CT"]), moving=_ref(paths[moving]), fixed_files=paths["CT"],
+                       moving_files=paths[moving], config=config, spool=Spool(tmp / "spool"))
+    return process_job(inputs)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    paths = write_synthetic_study(tmp / "in", modalities=("CT", "PT", "MR"), shape=(12, 48, 48), seed=5)
+    return tmp, paths
+
+
+@pytest.fixture(scope="module")
+def pet_job(study):
+    tmp, paths = study
+    return run_job(tmp, paths, 1, "PT", "network")
+
+
+def _outputs(output, kind: str) -> list[pydicom.Dataset]:
+    (series,) = [s for s in output.series if s.kind == kind]
+    return [pydicom.dcmread(f) for f in series.files]
+
+
+def _fixed_body(paths) -> tuple[np.ndarray, np.ndarray]:
+    """Body mask of the fixed CT (z increasing) and the z of each of its slices."""
+    fixed = load_series(paths["CT"])
+    hu = sitk.GetArrayFromImage(fixed.image)
+    z = np.array([float(h.ImagePositionPatient[2]) for h in fixed.headers])
+    return body_mask(hu, "CT"), z
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "saliency"])
+def test_maps_are_zero_outside_the_body(study, pet_job, kind):
+    _, paths = study
+    body, z = _fixed_body(paths)
+    (pm,) = _outputs(pet_job, kind)
+    values, positions = decode_parametric_map(pm)
+    order = [int(np.argmin(np.abs(z - p[2]))) for p in positions]
+    outside = ~body[order]
+    assert outside.sum() > 0.2 * outside.size  # the phantom leaves air around it
+    assert float(np.abs(values[outside]).max()) == 0.0
+    assert float(values[~outside].max()) > 0.1  # and something inside
+
+
+def test_contribution_is_a_graded_share_for_the_selection_network(pet_job):
+    (pm,) = _outputs(pet_job, "heatmap")
+    values, _ = decode_parametric_map(pm)
+    inside = values[values > 0]
+    graded = (inside > 0.05) & (inside < 0.95)
+    assert graded.mean() > 0.2, "contribution should be continuous, not 0/1"
+
+
+def test_saliency_has_one_scale_for_the_series(pet_job):
+    (pm,) = _outputs(pet_job, "saliency")
+    values, _ = decode_parametric_map(pm)
+    peaks = values.reshape(values.shape[0], -1).max(axis=1)
+    assert peaks.max() == pytest.approx(1.0, abs=1e-4)
+    # A per-slice rescale would put every slice's maximum at 1.
+    assert (peaks < 0.9).sum() >= 1
+
+
+def test_map_frames_run_in_the_order_of_the_fused_instances(pet_job):
+    fused = sorted(_outputs(pet_job, "fused"), key=lambda ds: int(ds.InstanceNumber))
+    fused_z = [float(ds.ImagePositionPatient[2]) for ds in fused]
+    for kind in ("heatmap", "saliency"):
+        (pm,) = _outputs(pet_job, kind)
+        _, positions = decode_parametric_map(pm)
+        assert list(positions[:, 2]) == pytest.approx(fused_z), kind
+    assert fused_z != sorted(fused_z) or fused_z == sorted(fused_z, reverse=True)
