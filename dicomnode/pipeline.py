@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Series numbers of the derived series (fixed series number is not reused: viewers sort by it).
-SERIES_NUMBERS = {"fused": 9001, "heatmap": 9002, "saliency": 9003, "displacement": 9004}
+# Series numbers of the derived series: 9000 + 10 * job id + the kind's offset, so two jobs of one
+# study (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
+SERIES_NUMBER_BASE = 9000
+SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
 FUNCTIONAL = ("PT", "NM")
 
 
@@ -90,6 +92,11 @@ def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> Output
     folder = spool.outbox_dir(job_id, series_uid)
     files = [spool.write_dataset(ds, folder / f"{ds.SOPInstanceUID}.dcm") for ds in datasets]
     return OutputSeries(series_uid, kind, files)
+
+
+def series_number(job_id: int, kind: str) -> int:
+    """The SeriesNumber of one derived series of one job (IS: fits 2**31 - 1 up to job 2e8)."""
+    return SERIES_NUMBER_BASE + 10 * int(job_id) + SERIES_OFFSETS[kind]
 
 
 def registration_report(reg) -> dict[str, Any]:
@@ -193,7 +200,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
             + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
         sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
-                                series_number=SERIES_NUMBERS["fused"])
+                                series_number=series_number(inputs.job_id, "fused"))
         # (kind, values, HeatmapKind name for quantity + unit, content label, description)
         maps = [("heatmap", contribution, "contribution", "HEATMAP",
                  f"{moving.modality} contribution to fused image")]
@@ -204,7 +211,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
         pms = [
             (kind, build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                        series_number=SERIES_NUMBERS[kind], series_description=description,
+                                        series_number=series_number(inputs.job_id, kind), series_description=description,
                                         sources=[fixed, moving], method=result.method))
             for kind, values, quantity, label, description in maps
         ]

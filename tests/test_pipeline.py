@@ -11,12 +11,14 @@ import SimpleITK as sitk
 
 from dicomnode.config import Config, PairingRule
 from dicomnode.dicomio.parametric_map import decode_parametric_map
+from dicomnode.dicomio.validate import validate_file
 from dicomnode.imaging.body import body_mask
 from dicomnode.imaging.volume import load_series
 from dicomnode.pipeline import JobInputs, process_job
 from dicomnode.routing import SeriesRef
 from dicomnode.store.spool import Spool
 from dicomnode.testing.study import write_synthetic_study
+from tests.conftest import require_tool
 
 
 def _ref(files: list[Path]) -> SeriesRef:
@@ -98,3 +100,78 @@ def test_map_frames_run_in_the_order_of_the_fused_instances(pet_job):
         _, positions = decode_parametric_map(pm)
         assert list(positions[:, 2]) == pytest.approx(fused_z), kind
     assert fused_z != sorted(fused_z) or fused_z == sorted(fused_z, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def mr_job(study):
+    tmp, paths = study
+    return run_job(tmp, paths, 2, "MR", "average")
+
+
+def test_two_jobs_of_one_study_get_distinct_series_numbers(pet_job, mr_job):
+    numbers = []
+    for output in (pet_job, mr_job):
+        for series in output.series:
+            numbers.append(int(pydicom.dcmread(series.files[0], stop_before_pixels=True).SeriesNumber))
+    assert len(numbers) == len(set(numbers)), numbers
+
+
+def test_every_source_series_is_referenced_with_its_equipment(study, pet_job):
+    _, paths = study
+    ct_uid, pt_uid = (pydicom.dcmread(paths[m][0], stop_before_pixels=True).SeriesInstanceUID for m in ("CT", "PT"))
+    sop_series = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: m
+                  for m in ("CT", "PT") for p in paths[m]}
+    for kind in ("fused", "heatmap", "saliency"):
+        for ds in _outputs(pet_job, kind):
+            referenced = {sop_series.get(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence}
+            assert referenced == {"CT", "PT"}, kind
+            acquisition = [item for item in ds.ContributingEquipmentSequence
+                           if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
+            assert len(acquisition) == 2, kind
+            series_refs = {item.SeriesInstanceUID for item in ds.ReferencedSeriesSequence}
+            assert series_refs == {ct_uid, pt_uid}
+
+
+@pytest.fixture(scope="module")
+def deidentified_study(tmp_path_factory):
+    """A study whose sources carry de-identification attributes and an over-long StudyID, as TCIA's do."""
+    tmp = tmp_path_factory.mktemp("deid")
+    paths = write_synthetic_study(tmp / "in", modalities=("CT", "PT"), shape=(8, 32, 32), seed=6)
+    for files in paths.values():
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyID = "IBSI_1_STS_002_CT"  # 17 characters: longer than SH allows, kept as received
+            ds.AccessionNumber = "3912173256621705"
+            ds.ReferringPhysicianName = "Referrer^Some"
+            ds.PatientIdentityRemoved = "YES"
+            ds.DeidentificationMethod = "Per DICOM PS 3.15 AnnexE"
+            code = pydicom.Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "113100", "DCM", "Basic Application Confidentiality Profile"
+            ds.DeidentificationMethodCodeSequence = [code]
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+            ds.save_as(path, enforce_file_format=True)
+    return tmp, paths
+
+
+def test_study_and_deidentification_attributes_are_copied_exactly(deidentified_study):
+    tmp, paths = deidentified_study
+    output = run_job(tmp, paths, 3, "PT", "alpha")
+    source = pydicom.dcmread(paths["CT"][0], stop_before_pixels=True)
+    keywords = ("StudyInstanceUID", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+                "StudyDate", "StudyTime", "PatientID", "PatientName", "PatientIdentityRemoved",
+                "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+                "LongitudinalTemporalInformationModified")
+    for series in output.series:
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        for keyword in keywords:
+            assert keyword in ds, (series.kind, keyword)
+            assert ds[keyword].value == source[keyword].value, (series.kind, keyword)
+
+
+def test_every_output_is_dciodvfy_clean(pet_job, mr_job):
+    require_tool("dciodvfy")
+    for output in (pet_job, mr_job):
+        for series in output.series:
+            for path in series.files[:2]:
+                report = validate_file(path)
+                assert report.errors == [], (series.kind, report.errors)
