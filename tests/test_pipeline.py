@@ -175,3 +175,55 @@ def test_every_output_is_dciodvfy_clean(pet_job, mr_job):
             for path in series.files[:2]:
                 report = validate_file(path)
                 assert report.errors == [], (series.kind, report.errors)
+
+
+@pytest.fixture(scope="module")
+def big_study(tmp_path_factory):
+    """Slices large enough for labelled ticks (128 x 128 at 1.6 mm)."""
+    tmp = tmp_path_factory.mktemp("big")
+    return tmp, write_synthetic_study(tmp / "in", modalities=("CT", "PT"), shape=(8, 128, 128), seed=7)
+
+
+@pytest.fixture(scope="module")
+def chroma_job(big_study):
+    tmp, paths = big_study
+    return run_job(tmp, paths, 4, "PT", "chroma")
+
+
+def test_colour_bar_lies_outside_the_body_and_is_in_every_slice(big_study, chroma_job):
+    from dicomnode.config import FusionConfig
+    from dicomnode.fusion.colorbar import bar_colours, render_bar
+
+    _, paths = big_study
+    body, _ = _fixed_body(paths)
+    footprint = body.any(axis=0)
+    bar = render_bar(footprint.shape, footprint, bar_colours("chroma", True, FusionConfig(), "PT"), 0.0, 10.0, "SUV")
+    assert bar is not None
+    layer, mask, placement = bar
+    mask = mask.astype(bool)
+    assert mask.sum() > 50 and placement.labelled
+    assert not (mask & footprint).any(), "colour bar over the body"
+    for ds in _outputs(chroma_job, "fused"):
+        assert np.array_equal(ds.pixel_array[mask], layer[mask])
+
+
+def test_descriptions_say_what_the_colours_mean(chroma_job):
+    ds = _outputs(chroma_job, "fused")[0]
+    assert ds.SeriesDescription.startswith("PET on CT fusion, SUV 0-10")
+    text = ds.DerivationDescription
+    for part in ("colour map fusion", "PT SUV 0-10", "CT window HU -160-240", "colour bar in the"):
+        assert part in text, (part, text)
+
+
+def test_chroma_keeps_the_ct_luminance_and_its_map_is_graded(big_study, chroma_job):
+    _, paths = big_study
+    body, z = _fixed_body(paths)
+    fixed = load_series(paths["CT"])
+    ct = np.clip((sitk.GetArrayFromImage(fixed.image) + 160.0) / 400.0, 0, 1)
+    fused = sorted(_outputs(chroma_job, "fused"), key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    rgb = np.stack([ds.pixel_array for ds in fused])[::-1].astype(np.float64) / 255.0  # back to z increasing
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    assert float(np.abs(luma - ct)[body].mean()) < 0.01
+    (pm,) = _outputs(chroma_job, "heatmap")
+    values, _ = decode_parametric_map(pm)
+    assert float(values.max()) > 0.5 and float(values[values > 0].min()) < 0.5

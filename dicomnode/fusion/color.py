@@ -31,6 +31,10 @@ _COLORMAPS: dict[str, tuple[tuple[float, float, float, float], ...]] = {
     "pet": ((0.0, 0, 0, 0), (0.15, 0.4, 0, 0.55), (0.3, 0, 0, 1), (0.45, 0, 0.8, 0.3),
             (0.6, 0.9, 0.9, 0), (0.8, 1, 0.1, 0), (1.0, 1, 1, 1)),
     "gray": ((0.0, 0, 0, 0), (1.0, 1, 1, 1)),
+    # Grey (no colour) up to 0.1, then blue -> cyan -> green -> yellow -> orange -> red: every value
+    # above the floor has its own hue. Used for its chroma by the colour-on-luminance fusion.
+    "fusion": ((0.0, 0.5, 0.5, 0.5), (0.1, 0.5, 0.5, 0.5), (0.25, 0, 0, 1), (0.4, 0, 1, 1), (0.55, 0, 1, 0),
+               (0.7, 1, 1, 0), (0.85, 1, 0.5, 0), (1.0, 1, 0, 0)),
 }
 
 

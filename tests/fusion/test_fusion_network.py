@@ -55,10 +55,11 @@ def test_weights_round_trip(tmp_path):
         assert torch.allclose(model(a, b).fused, loaded(a, b).fused)
 
 
-def test_shipped_weights_load_and_are_the_default():
+def test_shipped_weights_load():
     assert SHIPPED_WEIGHTS.is_file(), "models/fusion_net.pt must ship with the project"
     check_method_available("network", FusionConfig())
-    assert FusionConfig().default_method == "network"
+    # The network misses the clinical-fidelity targets (models/MODEL_CARD.md): not the default.
+    assert FusionConfig().default_method == "chroma"
 
 
 def test_shipped_network_beats_the_mean_baseline_on_validation_pairs(aanlib_dir):
