@@ -4,7 +4,9 @@ The demo starts a node on the embedded defaults (only the port, the destination 
 stable age are changed), starts Orthanc on loopback, uploads a CT+PET study to it (the real
 STS_002 patient from ``../shared/data`` when present, else a generated phantom), has Orthanc
 C-STORE it to the node, waits for the fused series to come back to Orthanc, and writes what
-Orthanc holds to ``<workdir>/demo/``. Everything it started is stopped before it returns.
+Orthanc holds to ``<workdir>/demo/``, with ``fused_montage.png``: fused slices through the lesion
+(the hottest PET voxel) with their colour bar, above the same slices of the explanation maps.
+Everything it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -291,6 +293,10 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         if got != expected:
             raise DemoError(f"Orthanc holds {got} output instances, the node sent {expected}")
         preview = write_preview(saved["fused"], demo_dir / "fused_preview.png")
+        # What a newcomer should look at: slices through the lesion, its colour bar, and the maps.
+        montage = write_montage(saved["fused"], {k: saved[k][0] for k in ("heatmap", "saliency") if k in saved},
+                                demo_dir / "fused_montage.png", focus=hottest_point(study["PT"]))
+        _say(f"wrote {montage}: fused slices through the lesion (colour bar burned in) and the explanation maps")
         # Orthanc renders the uint16 map (a float one it would not): keep its preview of frame 1.
         heatmap_png = demo_dir / "heatmap_preview.png"
         heatmap_uids = {o["series_uid"] for o in job.outputs["series"] if o["kind"] == "heatmap"}

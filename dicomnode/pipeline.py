@@ -179,11 +179,10 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.dicomio.secondary_capture import build_fused_series
     from dicomnode.fusion.api import fuse
     from dicomnode.fusion.color import colorize
-    from dicomnode.fusion.prepare import prepare_intensities
+    from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
+    from dicomnode.fusion.prepare import intensity_range, prepare_intensities
     from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
-    from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
-    from dicomnode.fusion.prepare import intensity_range
     from dicomnode.imaging.resample import field_of_view, resample_onto
     from dicomnode.imaging.volume import load_series
     from dicomnode.quality.metrics import score_series, threshold_failures
