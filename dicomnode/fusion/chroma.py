@@ -40,7 +40,7 @@ def gamut_scale(y: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
 
 def feather(fov: torch.Tensor, pixels: int) -> torch.Tensor:
     """(N, 1, H, W) 0/1 field of view -> weight rising from 0 at its edge to 1 ``pixels`` inside."""
-    if pixels <= 0:
+    if pixels <= 0 or bool(fov.all()):  # a moving image covering the slices has no edge to fade
         return fov
     weight = fov
     for _ in range(pixels):  # repeated 3x3 erosion: the weight is the in-plane distance to the edge
@@ -59,7 +59,8 @@ def colour_strength(fused: torch.Tensor, colormap: str = CHROMA_MAP, saturation:
     """
     ramp = torch.linspace(0, 1, 256, dtype=fused.dtype, device=fused.device).view(1, 1, 1, -1)
     strongest = 0.8 * float(moving_chroma(ramp, colormap).norm(dim=1).max()) * saturation
-    chroma = (rgb_to_ycbcr(fused)[:, 1:] - 0.5).norm(dim=1)
+    ycc = rgb_to_ycbcr(fused)
+    chroma = torch.hypot(ycc[:, 1] - 0.5, ycc[:, 2] - 0.5)
     return (chroma / max(strongest, 1e-6)).clamp(0, 1)
 
 
