@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", type=Path, help="A B OUT")
     p.add_argument("--pairs", type=Path, help="folder of <id>_<MOD>.png pairs")
     p.add_argument("--out", type=Path, help="output folder with --pairs")
-    p.add_argument("--method", default=None, help="fusion method (default: the shipped network)")
+    p.add_argument("--method", default=None, help="fusion method (default: fusion.default_method)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("train", help="train the fusion network from image pairs")

@@ -214,8 +214,10 @@ class RegistrationConfig(_Section):
 class FusionConfig(_Section):
     """Intensity preparation and fusion (see dicomnode.fusion)."""
 
-    # The shipped attention fusion network (models/fusion_net.pt); "alpha" is the simple overlay.
-    default_method: str = "network"
+    # Colour on luminance (fusion.chroma): the only method that keeps at least what the standard
+    # viewer overlay keeps of both sources on PT->CT and MR->CT (docs/benchmarks.md, clinical
+    # fidelity); "network" is the trained network (models/MODEL_CARD.md), "alpha" the simple overlay.
+    default_method: str = "chroma"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the moving image")
     # Colour map for functional (PT/NM) images: hot | jet | pet | gray.
     colormap: str = "hot"
@@ -236,6 +238,16 @@ class FusionConfig(_Section):
     alpha_threshold: float = Field(0.02, ge=0.0, lt=1.0)
     # Also compute the Grad-CAM saliency map (network method; costs one backward pass per batch).
     saliency: bool = True
+    # Contribution map: luminance differences |moving - fixed| well below this (prepared 0..1 scale)
+    # count as "both sources agree" and give the moving image no share (fusion.explain.luminance_share).
+    contribution_tau: float = Field(0.05, gt=0, le=1)
+    # Chroma method: the colour map whose chroma shows the moving value, its strength, the fade-in
+    # (pixels) inside the moving field-of-view edge, and per moving modality the luminance lift
+    # (fixed image on Y in [lift, 1 - lift]) that lets black and white pixels carry colour.
+    chroma_colormap: str = "fusion"
+    chroma_saturation: float = Field(1.0, gt=0, le=4)
+    chroma_feather_px: int = Field(4, ge=0, le=64)
+    chroma_lift: dict[str, float] = Field(default_factory=lambda: {"MR": 0.05, "CT": 0.05})
 
 
 class QualityConfig(_Section):

@@ -4,7 +4,9 @@ The demo starts a node on the embedded defaults (only the port, the destination 
 stable age are changed), starts Orthanc on loopback, uploads a CT+PET study to it (the real
 STS_002 patient from ``../shared/data`` when present, else a generated phantom), has Orthanc
 C-STORE it to the node, waits for the fused series to come back to Orthanc, and writes what
-Orthanc holds to ``<workdir>/demo/``. Everything it started is stopped before it returns.
+Orthanc holds to ``<workdir>/demo/``, with ``fused_montage.png``: fused slices through the lesion
+(the hottest PET voxel) with their colour bar, above the same slices of the explanation maps.
+Everything it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ def save_outputs(pacs, study_uid: str, job, out_dir: Path) -> dict[str, list[Pat
     return saved
 
 
+def hottest_point(files: list[Path]) -> tuple[float, float, float]:
+    """The patient position (LPS mm) of the highest voxel of a series (the lesion, for PET)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dicomnode.imaging.volume import load_series
+
+    image = load_series(files).image
+    z, y, x = np.unravel_index(int(np.argmax(sitk.GetArrayViewFromImage(image))), image.GetSize()[::-1])
+    return tuple(image.TransformIndexToPhysicalPoint((int(x), int(y), int(z))))
+
+
 def write_preview(fused_files: list[Path], target: Path, count: int = 4) -> Path:
     """A PNG strip of ``count`` fused slices spread over the series (the ones with most colour first)."""
     import numpy as np
@@ -140,6 +154,56 @@ def write_preview(fused_files: list[Path], target: Path, count: int = 4) -> Path
         strip.paste(tile, (x, 0))
         x += tile.width
     strip.save(target)
+    return target
+
+
+def write_montage(fused_files: list[Path], map_files: dict[str, Path], target: Path, count: int = 3,
+                  tile: int = 256, focus: tuple[float, float, float] | None = None) -> Path:
+    """A PNG montage: ``count`` fused slices through the lesion (colour bar included, as burned in), and
+    below each the same slice of every map (``kind -> Parametric Map file``), on the map's series scale.
+
+    ``focus``: a patient point (LPS mm) in the lesion, e.g. the hottest PET voxel; without it, the
+    most colourful fused slice. The slices are the nearest one and its neighbours two apart.
+    """
+    import numpy as np
+    import pydicom
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    from dicomnode.dicomio.parametric_map import decode_parametric_map
+
+    slices = sorted((pydicom.dcmread(p) for p in fused_files), key=lambda ds: int(ds.InstanceNumber))
+    arrays = [ds.pixel_array for ds in slices]
+    if focus is not None:
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
+        iop = np.array([float(v) for v in slices[0].ImageOrientationPatient])
+        normal = np.cross(iop[:3], iop[3:])
+        centre = int(np.argmin(np.abs((positions - np.asarray(focus)) @ normal)))
+    else:
+        colour = np.array([float((a.max(axis=-1).astype(int) - a.min(axis=-1)).mean()) for a in arrays])
+        centre = int(np.argmax(colour))
+    picks = sorted({int(np.clip(centre + d, 0, len(arrays) - 1)) for d in range(-2 * (count // 2), 2 * (count // 2) + 1, 2)})
+    rows = [("fused", [arrays[i] for i in picks])]
+    for kind, path in map_files.items():
+        values, positions = decode_parametric_map(pydicom.dcmread(path))
+        peak = float(values.max()) or 1.0
+        frames = []
+        for i in picks:
+            z = np.asarray([float(v) for v in slices[i].ImagePositionPatient])
+            k = int(np.argmin(np.linalg.norm(positions - z, axis=1)))
+            frames.append((colormaps["inferno"](np.clip(values[k] / peak, 0, 1))[..., :3] * 255).astype(np.uint8))
+        rows.append((f"{kind} (series max {peak:.3g})", frames))
+    h, w = arrays[0].shape[:2]
+    size = (tile, max(1, int(round(tile * h / w))))
+    label_h = 14
+    sheet = Image.new("RGB", (size[0] * len(picks), (size[1] + label_h) * len(rows)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, frames) in enumerate(rows):
+        y = r * (size[1] + label_h)
+        draw.text((2, y + 1), label, fill=(255, 255, 255))
+        for c, frame in enumerate(frames):
+            sheet.paste(Image.fromarray(frame).resize(size, Image.NEAREST), (c * size[0], y + label_h))
+    sheet.save(target)
     return target
 
 
@@ -229,6 +293,10 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         if got != expected:
             raise DemoError(f"Orthanc holds {got} output instances, the node sent {expected}")
         preview = write_preview(saved["fused"], demo_dir / "fused_preview.png")
+        # What a newcomer should look at: slices through the lesion, its colour bar, and the maps.
+        montage = write_montage(saved["fused"], {k: saved[k][0] for k in ("heatmap", "saliency") if k in saved},
+                                demo_dir / "fused_montage.png", focus=hottest_point(study["PT"]))
+        _say(f"wrote {montage}: fused slices through the lesion (colour bar burned in) and the explanation maps")
         # Orthanc renders the uint16 map (a float one it would not): keep its preview of frame 1.
         heatmap_png = demo_dir / "heatmap_preview.png"
         heatmap_uids = {o["series_uid"] for o in job.outputs["series"] if o["kind"] == "heatmap"}

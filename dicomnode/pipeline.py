@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Series numbers of the derived series (fixed series number is not reused: viewers sort by it).
-SERIES_NUMBERS = {"fused": 9001, "heatmap": 9002, "saliency": 9003, "displacement": 9004}
+# Series numbers of the derived series: 9000 + 10 * job id + the kind's offset, so two jobs of one
+# study (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
+SERIES_NUMBER_BASE = 9000
+SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
 FUNCTIONAL = ("PT", "NM")
+CHROMA = "chroma"  # fusion.api.CHROMA, named here without importing torch at node start
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> Output
     return OutputSeries(series_uid, kind, files)
 
 
+def series_number(job_id: int, kind: str) -> int:
+    """The SeriesNumber of one derived series of one job (IS: fits 2**31 - 1 up to job 2e8)."""
+    return SERIES_NUMBER_BASE + 10 * int(job_id) + SERIES_OFFSETS[kind]
+
+
 def registration_report(reg) -> dict[str, Any]:
     """A JSON-able summary of a ``Registration`` for the Job row."""
     from dataclasses import asdict
@@ -111,6 +119,40 @@ def registration_report(reg) -> dict[str, Any]:
 def _luma(rgb):
     """(N, 3, H, W) -> (N, H, W), BT.601 weights: the grey image metrics are computed on."""
     return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+
+
+_READER_NAMES = {"PT": "PET", "NM": "SPECT", "MR": "MR", "CT": "CT"}
+
+
+def reader_description(moving_modality: str, fixed_modality: str, moving_range) -> str:
+    """A SeriesDescription a reader understands: "PET on CT fusion, SUV 0-10", "MR on CT fusion, MR 12-845"."""
+    name = _READER_NAMES.get(moving_modality, moving_modality)
+    values = moving_range.describe() if moving_range.unit else f"{name} {moving_range.describe()}"
+    return f"{name} on {_READER_NAMES.get(fixed_modality, fixed_modality)} fusion, {values}"
+
+
+def scale_text(method: str, fusion_config, moving_modality: str, moving_range, fixed_modality: str, fixed_range,
+               placement) -> str:
+    """The display scale for DerivationDescription: colour map, moving range, fixed window, colour bar."""
+    if method == CHROMA:
+        colours = f"colour map {fusion_config.chroma_colormap} as chroma on {fixed_modality} luminance"
+    elif moving_modality in FUNCTIONAL:
+        colours = f"colour map {fusion_config.colormap}"
+    else:
+        colours = "grey"
+    where = f"colour bar in the {placement.side} margin" if placement else "no colour bar (no body-free margin)"
+    what = "percentiles " if moving_range.kind == "percentile" else ""
+    return (f"{colours}, {moving_modality} {what}{moving_range.describe()}; "
+            f"{fixed_modality} {fixed_range.kind} {fixed_range.describe()}; {where}")
+
+
+def in_body_scale(values, body):
+    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale)."""
+    import numpy as np
+
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    peak = float(inside.max()) if inside.size else 0.0
+    return inside / peak if peak > 0 else inside
 
 
 def warm_up() -> None:
@@ -147,9 +189,11 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.dicomio.secondary_capture import build_fused_series
     from dicomnode.fusion.api import fuse
     from dicomnode.fusion.color import colorize
-    from dicomnode.fusion.prepare import prepare_intensities
+    from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
+    from dicomnode.fusion.prepare import intensity_range, prepare_intensities
+    from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
-    from dicomnode.imaging.resample import resample_onto
+    from dicomnode.imaging.resample import field_of_view, resample_onto
     from dicomnode.imaging.volume import load_series
     from dicomnode.quality.metrics import score_series, threshold_failures
 
@@ -162,21 +206,28 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         reg = register_volumes(fixed, moving, cfg.registration)
     with watch.stage("resample"):
         moving_on_fixed = resample_onto(fixed, moving, reg.transform)
+        fov = field_of_view(fixed, moving, reg.transform)
     with watch.stage("prepare"):
         fixed_arr = sitk.GetArrayFromImage(fixed.image).astype(np.float32)
+        body = body_mask(fixed_arr, fixed.modality)
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
         a = prepare_intensities(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
         b = prepare_intensities(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
+        fixed_range = intensity_range(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
+        moving_range = intensity_range(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
         a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
-        moving_in = colorize(b_t, cfg.fusion.colormap) if moving.modality in FUNCTIONAL else b_t[:, None]
+        coloured = moving.modality in FUNCTIONAL and inputs.method != CHROMA  # chroma brings its own colours
+        moving_in = colorize(b_t, cfg.fusion.colormap) if coloured else b_t[:, None]
     with watch.stage("fuse"):
-        result = fuse(a_t[:, None], moving_in, inputs.method, cfg.processing.device, fusion_config=cfg.fusion)
+        result = fuse(a_t[:, None], moving_in, inputs.method, cfg.processing.device, fusion_config=cfg.fusion,
+                      fov=torch.from_numpy(fov[:, None].astype(np.float32)), modality=moving.modality)
         fused = result.fused.detach().float().cpu().clamp(0, 1)
         if fused.shape[1] == 1:
             fused = fused.repeat(1, 3, 1, 1)
-        contribution = result.contribution.detach().float().cpu().numpy()
-        saliency = None if result.saliency is None else result.saliency.detach().float().cpu().numpy()
+        # The maps explain the patient, not the air around them: zero outside the body.
+        contribution = result.contribution.detach().float().cpu().numpy() * body
+        saliency = None if result.saliency is None else in_body_scale(result.saliency.detach().float().cpu().numpy(), body)
     with watch.stage("quality"):
         # A colour-mapped moving image enters the blend by its colours: score it by their luminance.
         b_seen = _luma(moving_in).numpy() if moving_in.shape[1] == 3 else b
@@ -185,14 +236,25 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
     with watch.stage("encode"):
         rgb = (fused.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        # One colour bar, one place, one scale for the whole series, beside the body on every slice.
+        bar = render_bar(rgb.shape[1:3], body.any(axis=0),
+                         bar_colours(inputs.method, moving.modality in FUNCTIONAL, cfg.fusion, moving.modality),
+                         moving_range.low, moving_range.high, moving_range.unit)
+        if bar is not None:
+            burn_in(rgb, bar[0], bar[1])
+        else:
+            log.info("event=colour_bar_omitted job_id=%s reason=no_body_free_margin", inputs.job_id)
+        scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality, fixed_range,
+                           None if bar is None else bar[2])
         derivation = (
             f"{moving.modality} series resampled onto the {fixed.modality} grid "
             f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {result.method}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
+            f"and fused by method {result.method}; {scale}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
             + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
         sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
-                                series_number=SERIES_NUMBERS["fused"])
+                                series_number=series_number(inputs.job_id, "fused"),
+                                series_description=reader_description(moving.modality, fixed.modality, moving_range))
         # (kind, values, HeatmapKind name for quantity + unit, content label, description)
         maps = [("heatmap", contribution, "contribution", "HEATMAP",
                  f"{moving.modality} contribution to fused image")]
@@ -203,7 +265,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
         pms = [
             (kind, build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                        series_number=SERIES_NUMBERS[kind], series_description=description,
+                                        series_number=series_number(inputs.job_id, kind), series_description=description,
                                         sources=[fixed, moving], method=result.method))
             for kind, values, quantity, label, description in maps
         ]

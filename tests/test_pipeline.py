@@ -1,119 +1,229 @@
-"""``pipeline.process_job`` on written DICOM series: an MR -> CT pair that must be registered, an NM -> MR pair.
-
-The MR -> CT pair has two frames of reference and a known rigid + affine + smooth misalignment
-(tests/registration_pair.py): registration runs all three stages, the estimated mapping lands
-within 2 mm of the truth, and the displacement map series is written. Every output object
-passes dciodvfy.
-"""
+"""One job's processing on a synthetic study: the maps, their frame order and the output headers."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicomnode.config import PairingRule, load_config
+from dicomnode.config import Config, PairingRule
 from dicomnode.dicomio.parametric_map import decode_parametric_map
-from dicomnode.dicomio.validate import find_dciodvfy, validate_file
+from dicomnode.dicomio.validate import validate_file
+from dicomnode.imaging.body import body_mask
 from dicomnode.imaging.volume import load_series
-from dicomnode.pipeline import SERIES_NUMBERS, JobInputs, process_job
+from dicomnode.pipeline import JobInputs, process_job
 from dicomnode.routing import SeriesRef
 from dicomnode.store.spool import Spool
-from dicomnode.testing.deform import score
-from tests.conftest import require
-from tests.registration_pair import FAST_REGISTRATION, cropped_mni, ct_mr_case, registrations, write_case  # noqa: F401
+from dicomnode.testing.study import write_synthetic_study
+from tests.conftest import require_tool
 
 
-@pytest.fixture(scope="module")
-def case(shared_data):
-    return ct_mr_case(cropped_mni(shared_data / "nifti" / "mni152_icbm2009a_nilearn"))
-
-
-def _ref(files, calling_ae: str = "MODALITY") -> SeriesRef:
+def _ref(files: list[Path]) -> SeriesRef:
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     return SeriesRef(series_uid=ds.SeriesInstanceUID, study_uid=ds.StudyInstanceUID, modality=ds.Modality,
                      patient_id=ds.PatientID, patient_name=str(ds.PatientName), birth_date=ds.PatientBirthDate,
-                     study_date=ds.StudyDate, frame_of_reference_uid=ds.FrameOfReferenceUID, calling_ae=calling_ae)
+                     study_date=ds.StudyDate, frame_of_reference_uid=ds.FrameOfReferenceUID, calling_ae="PEER")
 
 
-def job_inputs(tmp_path, fixed_files, moving_files, rule: PairingRule, method: str, overrides: dict) -> JobInputs:
-    config = load_config(overrides={"processing": {"device": "cpu"}, **overrides})
-    return JobInputs(job_id=7, rule=rule, method=method, fixed=_ref(fixed_files), moving=_ref(moving_files),
-                     fixed_files=list(fixed_files), moving_files=list(moving_files), config=config,
-                     spool=Spool(tmp_path / "spool"))
+def run_job(tmp: Path, paths: dict[str, list[Path]], job_id: int, moving: str, method: str):
+    config = Config(registration={"mode": "never"})
+    inputs = JobInputs(job_id=job_id, rule=PairingRule(fixed="CT", moving=moving), method=method,
+                       fixed=_ref(paths["CT"]), moving=_ref(paths[moving]), fixed_files=paths["CT"],
+                       moving_files=paths[moving], config=config, spool=Spool(tmp / "spool"))
+    return process_job(inputs)
 
 
-def check_outputs_conform(out) -> None:
-    require(find_dciodvfy() is not None, "dciodvfy is not installed (dicom3tools)")
-    for series in out.series:
-        for path in series.files[:1] if series.kind == "fused" else series.files:
-            report = validate_file(path)
-            assert report.ok, f"{series.kind}: {report.errors}"
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    paths = write_synthetic_study(tmp / "in", modalities=("CT", "PT", "MR"), shape=(12, 48, 48), seed=5)
+    return tmp, paths
 
 
-def check_on_fixed_grid(out, fixed_files) -> None:
-    """The fused series has one instance per fixed slice, at the fixed slice's position and frame of reference."""
-    fixed = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in fixed_files),
-                   key=lambda ds: float(ds.ImagePositionPatient[2]))
-    (fused,) = [s for s in out.series if s.kind == "fused"]
-    outputs = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in fused.files),
-                     key=lambda ds: float(ds.ImagePositionPatient[2]))
-    assert len(outputs) == len(fixed)
-    for src, made in zip(fixed, outputs):
-        assert np.allclose([float(v) for v in made.ImagePositionPatient], [float(v) for v in src.ImagePositionPatient],
-                           atol=1e-3)
-        assert made.FrameOfReferenceUID == src.FrameOfReferenceUID and made.SeriesNumber == SERIES_NUMBERS["fused"]
+@pytest.fixture(scope="module")
+def pet_job(study):
+    tmp, paths = study
+    return run_job(tmp, paths, 1, "PT", "network")
 
 
-def test_mr_onto_ct_registers_within_2_mm_and_writes_the_displacement_map(tmp_path, case, registrations):
-    files = write_case(case, tmp_path / "study")
-    rule = PairingRule(fixed="CT", moving="MR")
-    inputs = job_inputs(tmp_path, files["CT"], files["MR"], rule, "network",
-                        {"registration": FAST_REGISTRATION, "pairing": [{"fixed": "CT", "moving": "MR"}]})
-    assert inputs.fixed.frame_of_reference_uid != inputs.moving.frame_of_reference_uid
-    out = process_job(inputs)
+def _outputs(output, kind: str) -> list[pydicom.Dataset]:
+    (series,) = [s for s in output.series if s.kind == kind]
+    return [pydicom.dcmread(f) for f in series.files]
 
-    # Registration ran, every stage was kept, and the mapping is within 2 mm of the truth.
-    assert out.registration["skipped_reason"] is None and out.registration["deformable"] is True
-    assert [(s["name"], s["kept"]) for s in out.registration["stages"]] == [
-        ("rigid", True), ("affine", True), ("deformable", True)]
-    (reg,) = registrations
-    before, after = score(case, sitk.Transform(3, sitk.sitkIdentity)), score(case, reg.transform)
-    assert before.mean_mm > 5.0  # the pair really starts misaligned
-    assert after.mean_mm < 2.0 and after.p95_mm < 4.5 and after.dice > before.dice, (before, after)
 
-    kinds = [s.kind for s in out.series]
-    assert kinds == ["fused", "heatmap", "saliency", "displacement"]
-    check_on_fixed_grid(out, files["CT"])
-    # The displacement map holds the deformable stage's |displacement| in mm on the fixed slices.
-    (displacement,) = [s for s in out.series if s.kind == "displacement"]
-    pm = pydicom.dcmread(displacement.files[0])
-    assert pm.ContentLabel == "DISPLACEMENT" and pm.SeriesNumber == SERIES_NUMBERS["displacement"]
+def _fixed_body(paths) -> tuple[np.ndarray, np.ndarray]:
+    """Body mask of the fixed CT (z increasing) and the z of each of its slices."""
+    fixed = load_series(paths["CT"])
+    hu = sitk.GetArrayFromImage(fixed.image)
+    z = np.array([float(h.ImagePositionPatient[2]) for h in fixed.headers])
+    return body_mask(hu, "CT"), z
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "saliency"])
+def test_maps_are_zero_outside_the_body(study, pet_job, kind):
+    _, paths = study
+    body, z = _fixed_body(paths)
+    (pm,) = _outputs(pet_job, kind)
     values, positions = decode_parametric_map(pm)
-    expected = sitk.GetArrayFromImage(reg.displacement_mm)
-    order = np.argsort(positions[:, 2])
-    assert values.shape == expected.shape == (48, 64, 64)
-    assert np.max(np.abs(values[order] - expected)) <= (expected.max() - expected.min()) / 65535 + 1e-6
-    assert 0.3 < float(np.percentile(expected, 95)) < 3 * case.deformation_mm  # truth: 3 mm (95th percentile)
-    check_outputs_conform(out)
+    order = [int(np.argmin(np.abs(z - p[2]))) for p in positions]
+    outside = ~body[order]
+    assert outside.sum() > 0.2 * outside.size  # the phantom leaves air around it
+    assert float(np.abs(values[outside]).max()) == 0.0
+    assert float(values[~outside].max()) > 0.1  # and something inside
 
 
-def test_nm_onto_mr_resamples_colours_and_scores(tmp_path):
-    from dicomnode.testing.study import write_synthetic_study
+def test_contribution_is_a_graded_share_for_the_selection_network(pet_job):
+    (pm,) = _outputs(pet_job, "heatmap")
+    values, _ = decode_parametric_map(pm)
+    inside = values[values > 0]
+    graded = (inside > 0.05) & (inside < 0.95)
+    assert graded.mean() > 0.2, "contribution should be continuous, not 0/1"
 
-    study = write_synthetic_study(tmp_path / "study", modalities=("MR", "NM"), shape=(16, 32, 32), seed=3)
-    rule = PairingRule(fixed="MR", moving="NM")
-    out = process_job(job_inputs(tmp_path, study["MR"], study["NM"], rule, "alpha", {}))
-    # One frame of reference: resampling only, no displacement map.
-    assert out.registration["skipped_reason"] == "same FrameOfReferenceUID" and out.registration["stages"] == []
-    assert [s.kind for s in out.series] == ["fused", "heatmap"]
-    check_on_fixed_grid(out, study["MR"])
-    nm = load_series(study["NM"])
-    assert nm.modality == "NM" and nm.image.GetSize() == (16, 16, 8)
-    # The NM uptake shows in colour (hot map) over the grey MR.
-    fused = np.stack([pydicom.dcmread(f).pixel_array for f in out.series[0].files]).astype(int)
-    chroma = fused.max(axis=-1) - fused.min(axis=-1)
-    assert fused.shape == (16, 32, 32, 3) and int(chroma.max()) > 100
-    assert set(out.summary) == {"EN", "MI", "SSIM", "Qabf", "VIF"} and all(np.isfinite(v) for v in out.summary.values())
-    check_outputs_conform(out)
+
+def test_saliency_has_one_scale_for_the_series(pet_job):
+    (pm,) = _outputs(pet_job, "saliency")
+    values, _ = decode_parametric_map(pm)
+    peaks = values.reshape(values.shape[0], -1).max(axis=1)
+    assert peaks.max() == pytest.approx(1.0, abs=1e-4)
+    # A per-slice rescale would put every slice's maximum at 1.
+    assert (peaks < 0.9).sum() >= 1
+
+
+def test_map_frames_run_in_the_order_of_the_fused_instances(pet_job):
+    fused = sorted(_outputs(pet_job, "fused"), key=lambda ds: int(ds.InstanceNumber))
+    fused_z = [float(ds.ImagePositionPatient[2]) for ds in fused]
+    for kind in ("heatmap", "saliency"):
+        (pm,) = _outputs(pet_job, kind)
+        _, positions = decode_parametric_map(pm)
+        assert list(positions[:, 2]) == pytest.approx(fused_z), kind
+    assert fused_z != sorted(fused_z) or fused_z == sorted(fused_z, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def mr_job(study):
+    tmp, paths = study
+    return run_job(tmp, paths, 2, "MR", "average")
+
+
+def test_two_jobs_of_one_study_get_distinct_series_numbers(pet_job, mr_job):
+    numbers = []
+    for output in (pet_job, mr_job):
+        for series in output.series:
+            numbers.append(int(pydicom.dcmread(series.files[0], stop_before_pixels=True).SeriesNumber))
+    assert len(numbers) == len(set(numbers)), numbers
+
+
+def test_every_source_series_is_referenced_with_its_equipment(study, pet_job):
+    _, paths = study
+    ct_uid, pt_uid = (pydicom.dcmread(paths[m][0], stop_before_pixels=True).SeriesInstanceUID for m in ("CT", "PT"))
+    sop_series = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: m
+                  for m in ("CT", "PT") for p in paths[m]}
+    for kind in ("fused", "heatmap", "saliency"):
+        for ds in _outputs(pet_job, kind):
+            referenced = {sop_series.get(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence}
+            assert referenced == {"CT", "PT"}, kind
+            acquisition = [item for item in ds.ContributingEquipmentSequence
+                           if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
+            assert len(acquisition) == 2, kind
+            series_refs = {item.SeriesInstanceUID for item in ds.ReferencedSeriesSequence}
+            assert series_refs == {ct_uid, pt_uid}
+
+
+@pytest.fixture(scope="module")
+def deidentified_study(tmp_path_factory):
+    """A study whose sources carry de-identification attributes and an over-long StudyID, as TCIA's do."""
+    tmp = tmp_path_factory.mktemp("deid")
+    paths = write_synthetic_study(tmp / "in", modalities=("CT", "PT"), shape=(8, 32, 32), seed=6)
+    for files in paths.values():
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyID = "IBSI_1_STS_002_CT"  # 17 characters: longer than SH allows, kept as received
+            ds.AccessionNumber = "3912173256621705"
+            ds.ReferringPhysicianName = "Referrer^Some"
+            ds.PatientIdentityRemoved = "YES"
+            ds.DeidentificationMethod = "Per DICOM PS 3.15 AnnexE"
+            code = pydicom.Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "113100", "DCM", "Basic Application Confidentiality Profile"
+            ds.DeidentificationMethodCodeSequence = [code]
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+            ds.save_as(path, enforce_file_format=True)
+    return tmp, paths
+
+
+def test_study_and_deidentification_attributes_are_copied_exactly(deidentified_study):
+    tmp, paths = deidentified_study
+    output = run_job(tmp, paths, 3, "PT", "alpha")
+    source = pydicom.dcmread(paths["CT"][0], stop_before_pixels=True)
+    keywords = ("StudyInstanceUID", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+                "StudyDate", "StudyTime", "PatientID", "PatientName", "PatientIdentityRemoved",
+                "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+                "LongitudinalTemporalInformationModified")
+    for series in output.series:
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        for keyword in keywords:
+            assert keyword in ds, (series.kind, keyword)
+            assert ds[keyword].value == source[keyword].value, (series.kind, keyword)
+
+
+def test_every_output_is_dciodvfy_clean(pet_job, mr_job):
+    require_tool("dciodvfy")
+    for output in (pet_job, mr_job):
+        for series in output.series:
+            for path in series.files[:2]:
+                report = validate_file(path)
+                assert report.errors == [], (series.kind, report.errors)
+
+
+@pytest.fixture(scope="module")
+def big_study(tmp_path_factory):
+    """Slices large enough for labelled ticks (128 x 128 at 1.6 mm)."""
+    tmp = tmp_path_factory.mktemp("big")
+    return tmp, write_synthetic_study(tmp / "in", modalities=("CT", "PT"), shape=(8, 128, 128), seed=7)
+
+
+@pytest.fixture(scope="module")
+def chroma_job(big_study):
+    tmp, paths = big_study
+    return run_job(tmp, paths, 4, "PT", "chroma")
+
+
+def test_colour_bar_lies_outside_the_body_and_is_in_every_slice(big_study, chroma_job):
+    from dicomnode.config import FusionConfig
+    from dicomnode.fusion.colorbar import bar_colours, render_bar
+
+    _, paths = big_study
+    body, _ = _fixed_body(paths)
+    footprint = body.any(axis=0)
+    bar = render_bar(footprint.shape, footprint, bar_colours("chroma", True, FusionConfig(), "PT"), 0.0, 10.0, "SUV")
+    assert bar is not None
+    layer, mask, placement = bar
+    mask = mask.astype(bool)
+    assert mask.sum() > 50 and placement.labelled
+    assert not (mask & footprint).any(), "colour bar over the body"
+    for ds in _outputs(chroma_job, "fused"):
+        assert np.array_equal(ds.pixel_array[mask], layer[mask])
+
+
+def test_descriptions_say_what_the_colours_mean(chroma_job):
+    ds = _outputs(chroma_job, "fused")[0]
+    assert ds.SeriesDescription.startswith("PET on CT fusion, SUV 0-10")
+    text = ds.DerivationDescription
+    for part in ("colour map fusion", "PT SUV 0-10", "CT window HU -160-240", "colour bar in the"):
+        assert part in text, (part, text)
+
+
+def test_chroma_keeps_the_ct_luminance_and_its_map_is_graded(big_study, chroma_job):
+    _, paths = big_study
+    body, z = _fixed_body(paths)
+    fixed = load_series(paths["CT"])
+    ct = np.clip((sitk.GetArrayFromImage(fixed.image) + 160.0) / 400.0, 0, 1)
+    fused = sorted(_outputs(chroma_job, "fused"), key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    rgb = np.stack([ds.pixel_array for ds in fused])[::-1].astype(np.float64) / 255.0  # back to z increasing
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    assert float(np.abs(luma - ct)[body].mean()) < 0.01
+    (pm,) = _outputs(chroma_job, "heatmap")
+    values, _ = decode_parametric_map(pm)
+    assert float(values.max()) > 0.5 and float(values[values > 0].min()) < 0.5

@@ -6,6 +6,7 @@ Parametric Map builders.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import highdicom
@@ -33,6 +34,17 @@ PAIRED_BODY_PARTS = frozenset(
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64}
 # PatientSex (CS, Type 2) allows M, F, O or empty; highdicom refuses anything else with a ValueError.
 _PATIENT_SEX = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "WOMAN": "F", "O": "O", "OTHER": "O"}
+
+# Copied exactly as received into every output, never clipped: a derived series must file under
+# the same study and patient as its sources, even where a source's value breaks its VR's length.
+STUDY_KEYWORDS = ("StudyInstanceUID", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDate",
+                  "StudyTime", "ReferringPhysicianName", "StudyDescription", "PhysiciansOfRecord",
+                  "ProcedureCodeSequence", "PatientAge", "PatientSize", "PatientWeight")
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+# De-identification (Patient module, SOP Common): a de-identified input stays labelled so.
+DEIDENTIFICATION_KEYWORDS = ("PatientIdentityRemoved", "DeidentificationMethod",
+                             "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+_EXACT = frozenset(STUDY_KEYWORDS + PATIENT_KEYWORDS + DEIDENTIFICATION_KEYWORDS)
 
 
 class EncodingError(ValueError):
@@ -131,6 +143,21 @@ def common_instance_references(study_uid: str, inputs: Sequence[tuple[Volume, Se
     return module
 
 
+def display_order(headers: Sequence[Dataset]) -> list[int]:
+    """Indices of ``headers`` in the order highdicom stores Parametric Map frames (its volume
+    convention: along the negated slice normal, i.e. head to feet for axial slices).
+
+    The fused instances are numbered in this order too, so the fused series and its maps scroll
+    the same way in a viewer.
+    """
+    from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
+
+    normal = get_normal_vector([float(v) for v in headers[0].ImageOrientationPatient],
+                               index_convention=VOLUME_INDEX_CONVENTION)
+    distances = [float(np.dot(normal, [float(v) for v in h.ImagePositionPatient])) for h in headers]
+    return [int(i) for i in np.argsort(distances, kind="stable")]
+
+
 def check_fixed_geometry(fixed: Volume) -> tuple[int, int]:
     """The fixed volume's (rows, columns); raises EncodingError when headers cannot place the slices."""
     if not fixed.headers:
@@ -194,13 +221,48 @@ def normalise_patient_sex(headers: Iterable[Dataset]) -> list[str]:
     return [f"PatientSex {old!r} -> {new!r}" for old, new in changes.items()]
 
 
+def copy_study_and_deidentification(target: Dataset, header: Dataset) -> None:
+    """Study, patient and de-identification attributes of ``header`` into ``target``, exactly."""
+    for keyword in _EXACT:
+        if keyword in header:
+            target[keyword] = copy.deepcopy(header[keyword])
+
+
+def source_equipment(volumes: Sequence[Volume]) -> list:
+    """One highdicom ContributingEquipment (acquisition) per source series, from its first header."""
+    from highdicom import ContributingEquipment
+
+    items = []
+    for volume in volumes:
+        if volume.headers and volume.headers[0].get("Manufacturer"):
+            items.append(ContributingEquipment.for_image_acquisition(volume.headers[0]))
+    return items
+
+
+def overlapping_slices(fixed: Volume, moving: Volume) -> list[list[Dataset]]:
+    """Per fixed slice, the moving slice headers whose slab overlaps it along the fixed slice normal.
+
+    Slabs are each series' slice spacing wide (mm, patient space); a multi-frame moving instance
+    appears once per overlapping frame. Empty where the moving field of view does not reach.
+    """
+    iop = np.array([float(v) for v in fixed.headers[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    fixed_d = np.array([np.dot(normal, [float(v) for v in h.ImagePositionPatient]) for h in fixed.headers])
+    moving_d = np.array([np.dot(normal, [float(v) for v in h.ImagePositionPatient]) for h in moving.headers])
+    reach = (abs(fixed.image.GetSpacing()[2]) + abs(moving.image.GetSpacing()[2])) / 2
+    return [[moving.headers[i] for i in np.flatnonzero(np.abs(moving_d - d) < reach)] for d in fixed_d]
+
+
 def clip_copied_strings(ds: Dataset) -> list[str]:
     """Truncate top-level short strings that exceed their VR's length (sources are not always valid).
 
-    Returns the keywords changed, so the caller can log them (values may identify the patient).
+    Study, patient and de-identification attributes are left exactly as received. Returns the
+    keywords changed, so the caller can log them (values may identify the patient).
     """
     changed = []
     for elem in ds:
+        if elem.keyword in _EXACT:
+            continue
         limit = _MAX_LENGTH.get(elem.VR)
         if limit is None or elem.value is None or elem.VM == 0:
             continue

@@ -35,9 +35,12 @@ from dicomnode.dicomio.derived import (
     clip_copied_strings,
     common_instance_references,
     copy_anatomy,
+    copy_study_and_deidentification,
     derivation_description,
     derived_series_description,
     software_versions,
+    source_equipment,
+    source_image_item,
     spatial_resampling,
 )
 from dicomnode.imaging.volume import Volume
@@ -212,6 +215,7 @@ def build_parametric_map(
         series_time=now.time(),
         content_date=now.date(),
         content_time=now.time(),
+        contributing_equipment=source_equipment(others),  # highdicom adds the fixed one's
     )
     _add_derivation(pm, fixed, others, derivation_description(method, derivation or quantity.meaning))
     log.info("event=parametric_map_encoded label=%s frames=%d series_number=%d slope=%.6g intercept=%.6g",
@@ -226,6 +230,17 @@ def _add_derivation(pm: Dataset, fixed: Volume, others: list[Volume], text: str)
     references = common_instance_references(
         fixed.study_uid, [(fixed, fixed.headers), *((v, v.headers) for v in others)])
     pm.update(references)
+    # The other sources' instances join the fixed ones highdicom put there (once per instance).
+    seen = {item.ReferencedSOPInstanceUID for item in pm.get("SourceImageSequence", [])}
+    extra = []
+    for volume in others:
+        for h in volume.headers:
+            if h.SOPInstanceUID not in seen:
+                seen.add(h.SOPInstanceUID)
+                extra.append(source_image_item(h))
+    if extra:
+        pm.SourceImageSequence = DicomSequence([*pm.get("SourceImageSequence", []), *extra])
+    copy_study_and_deidentification(pm, fixed.headers[0])
     clipped = clip_copied_strings(pm)
     if clipped:
         log.debug("event=source_values_clipped keywords=%s", ",".join(clipped))

@@ -24,10 +24,14 @@ from dicomnode.dicomio.derived import (
     clip_copied_strings,
     common_instance_references,
     copy_anatomy,
+    copy_study_and_deidentification,
     derivation_description,
     derived_series_description,
+    display_order,
+    overlapping_slices,
     patient_orientation,
     software_versions,
+    source_equipment,
     source_image_item,
     spatial_resampling,
 )
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Plane and patient attributes copied from the fixed slice when present.
 _COPIED = ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "SliceLocation",
-           "FrameOfReferenceUID", "PositionReferenceIndicator", "PatientAge", "PatientSize", "PatientWeight", "StudyDescription")
+           "FrameOfReferenceUID", "PositionReferenceIndicator")
 
 
 def fused_series_description(fixed: Volume, moving: Volume, method: str) -> str:
@@ -57,7 +61,8 @@ def build_fused_series(
     """One RGB Secondary Capture per fixed slice, in the fixed series' study and frame of reference.
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
-    (increasing z). InstanceNumber follows that order (1..N).
+    (increasing z). Instances are returned and numbered (1..N) in ``display_order``, the order of
+    the Parametric Map frames (head to feet for axial slices).
     """
     rows, cols = check_fixed_geometry(fixed)
     rgb = np.asarray(rgb)
@@ -69,8 +74,10 @@ def build_fused_series(
     derivation_text = derivation_description(method, derivation)
     series_uid = generate_uid()
     now = datetime.datetime.now()
+    moving_slices = overlapping_slices(fixed, moving)
     out = []
-    for k, header in enumerate(fixed.headers):
+    for number, k in enumerate(display_order(fixed.headers), 1):
+        header = fixed.headers[k]
         sc = SCImage.from_ref_dataset(
             header,
             pixel_array=np.ascontiguousarray(rgb[k]),
@@ -80,7 +87,7 @@ def build_fused_series(
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=generate_uid(),
-            instance_number=k + 1,
+            instance_number=number,
             manufacturer=MANUFACTURER,
             pixel_spacing=tuple(float(v) for v in header.PixelSpacing),
             patient_orientation=patient_orientation(header.ImageOrientationPatient),
@@ -91,14 +98,16 @@ def build_fused_series(
             series_time=now.time(),
             content_date=now.date(),
             content_time=now.time(),
+            contributing_equipment=source_equipment([moving]),  # highdicom adds the fixed one's
         )
-        _add_derivation(sc, fixed, moving, header, derivation_text)
+        _add_derivation(sc, fixed, moving, header, moving_slices[k], derivation_text)
         out.append(sc)
     log.info("event=fused_series_encoded method=%s slices=%d series_number=%d", method, len(out), series_number)
     return out
 
 
-def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset, text: str) -> None:
+def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset, moving_slices: list[Dataset],
+                    text: str) -> None:
     for keyword in _COPIED:
         if keyword in header and header[keyword].value not in (None, ""):
             setattr(sc, keyword, header[keyword].value)
@@ -109,9 +118,11 @@ def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset,
     sc.LossyImageCompression = "00"
     sc.DerivationDescription = text
     sc.DerivationCodeSequence = DicomSequence([spatial_resampling()])
-    sc.SourceImageSequence = DicomSequence([source_image_item(header)])
+    # Every source series: this fixed slice and the moving slices that overlap it.
+    sc.SourceImageSequence = DicomSequence([source_image_item(h) for h in (header, *moving_slices)])
     references = common_instance_references(fixed.study_uid, [(fixed, [header]), (moving, moving.headers)])
     sc.update(references)
+    copy_study_and_deidentification(sc, header)
     clipped = clip_copied_strings(sc)
     if clipped:
         log.debug("event=source_values_clipped keywords=%s", ",".join(clipped))

@@ -31,6 +31,10 @@ _COLORMAPS: dict[str, tuple[tuple[float, float, float, float], ...]] = {
     "pet": ((0.0, 0, 0, 0), (0.15, 0.4, 0, 0.55), (0.3, 0, 0, 1), (0.45, 0, 0.8, 0.3),
             (0.6, 0.9, 0.9, 0), (0.8, 1, 0.1, 0), (1.0, 1, 1, 1)),
     "gray": ((0.0, 0, 0, 0), (1.0, 1, 1, 1)),
+    # Grey (no colour) up to 0.1, then blue -> cyan -> green -> yellow -> orange -> red: every value
+    # above the floor has its own hue. Used for its chroma by the colour-on-luminance fusion.
+    "fusion": ((0.0, 0.5, 0.5, 0.5), (0.1, 0.5, 0.5, 0.5), (0.25, 0, 0, 1), (0.4, 0, 1, 1), (0.55, 0, 1, 0),
+               (0.7, 1, 1, 0), (0.85, 1, 0.5, 0), (1.0, 1, 0, 0)),
 }
 
 
@@ -57,6 +61,13 @@ def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
     """Inverse of ``rgb_to_ycbcr``; not clamped, so the round trip is exact in float."""
     offset = torch.tensor([0.0, 0.5, 0.5], dtype=ycbcr.dtype, device=ycbcr.device).view(1, 3, 1, 1)
     return torch.einsum("ij,njhw->nihw", _matrix(_YCBCR_TO_RGB, ycbcr), ycbcr - offset)
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) BT.601 luma; a one-channel image is returned as it is."""
+    if rgb.shape[1] == 1:
+        return rgb
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
 
 
 def is_grey(rgb: torch.Tensor, tolerance: float = 1.0 / 255.0) -> bool:

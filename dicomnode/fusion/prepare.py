@@ -9,6 +9,8 @@ NM: percentiles of the non-zero voxels.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,34 +47,59 @@ def _scale(array: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((array - low) / (high - low), 0.0, 1.0)
 
 
-def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fusion_config, body_part: str | None = None) -> np.ndarray:
-    """Map stored intensities (any shape, e.g. (z, y, x)) to float32 in [0, 1] for fusion.
+@dataclass(frozen=True)
+class DisplayRange:
+    """The stored values mapped to 0 and 1 for fusion, and what they are: ``unit`` (e.g. "SUV", "HU")."""
 
-    ``units``: PET Units (``BQML``, ``CNTS``, ``GML`` for SUV body weight...); values are
-    taken as SUV when units is ``GML`` or ``SUV``. ``fusion_config`` is a ``FusionConfig``.
-    """
-    array = np.asarray(array, dtype=np.float32)
+    low: float
+    high: float
+    unit: str
+    kind: str  # "window" (CT), "fixed" (PET SUV bound), "percentile"
+
+    def describe(self) -> str:
+        """e.g. "SUV 0-10", "HU -160-240", "0-1198" (values, in the unit when it has one)."""
+        # Three significant digits of the span: an MR p0.5 of 0.000717 below 1038 reads 0.
+        decimals = max(0, 2 - math.floor(math.log10(max(self.high - self.low, 1e-12))))
+        text = f"{round(self.low, decimals):g}-{round(self.high, decimals):g}"
+        return f"{self.unit} {text}" if self.unit else text
+
+
+def intensity_range(array: np.ndarray, modality: str, units: str | None, fusion_config,
+                    body_part: str | None = None) -> DisplayRange:
+    """The series-wide range ``prepare_intensities`` maps to [0, 1] (one scale for every slice)."""
     modality = modality.upper()
     cfg = fusion_config
     if modality == "CT":
         head = (body_part or "").upper().replace(" ", "") in HEAD_BODY_PARTS
         center, width = cfg.ct_brain_window if head else cfg.ct_window
-        out = _window(array, center, width)
         log.debug("event=prepare modality=CT center=%s width=%s", center, width)
-    elif modality == "MR":
-        out = _scale(array, *_percentile_range(array, *cfg.mr_percentiles))
-    elif modality == "PT":
+        return DisplayRange(center - width / 2, center + width / 2, "HU", "window")
+    if modality == "MR":
+        return DisplayRange(*_percentile_range(array, *cfg.mr_percentiles), "", "percentile")
+    if modality == "PT":
         is_suv = (units or "").upper() in {"GML", "SUV", "SUVBW", "G/ML"}
-        if is_suv and cfg.pet_suv_max > 0:
-            out = _scale(array, 0.0, float(cfg.pet_suv_max))
-        else:
-            out = _scale(array, 0.0, _percentile_range(array, 0.0, cfg.pet_percentile)[1])
         log.debug("event=prepare modality=PT units=%s suv=%s", units, is_suv)
-    elif modality == "NM":
-        out = _scale(array, *_percentile_range(array, *cfg.nm_percentiles))
-    else:
-        raise UnsupportedModality(f"cannot prepare modality {modality!r} for fusion (supported: CT, MR, PT, NM)")
-    return out.astype(np.float32)
+        if is_suv and cfg.pet_suv_max > 0:
+            return DisplayRange(0.0, float(cfg.pet_suv_max), "SUV", "fixed")
+        unit = "SUV" if is_suv else (units or "counts").upper()
+        return DisplayRange(0.0, _percentile_range(array, 0.0, cfg.pet_percentile)[1], unit, "percentile")
+    if modality == "NM":
+        return DisplayRange(*_percentile_range(array, *cfg.nm_percentiles), "counts", "percentile")
+    raise UnsupportedModality(f"cannot prepare modality {modality!r} for fusion (supported: CT, MR, PT, NM)")
+
+
+def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fusion_config, body_part: str | None = None) -> np.ndarray:
+    """Map stored intensities (any shape, e.g. (z, y, x)) to float32 in [0, 1] for fusion.
+
+    ``units``: PET Units (``BQML``, ``CNTS``, ``GML`` for SUV body weight...); values are
+    taken as SUV when units is ``GML`` or ``SUV``. ``fusion_config`` is a ``FusionConfig``.
+    CT is windowed (values outside clip); the other modalities are scaled by ``intensity_range``.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    window = intensity_range(array, modality, units, fusion_config, body_part)
+    if window.kind == "window":
+        return _window(array, (window.low + window.high) / 2, window.high - window.low).astype(np.float32)
+    return _scale(array, window.low, window.high).astype(np.float32)
 
 
 def is_functional(modality: str) -> bool:

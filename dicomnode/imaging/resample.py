@@ -24,3 +24,10 @@ def resample_onto(fixed: Volume, moving: Volume, transform: sitk.Transform | Non
     background = float(sitk.GetArrayViewFromImage(moving.image).min())
     out = resample_image(fixed.image, moving.image, transform, background)
     return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)
+
+
+def field_of_view(fixed: Volume, moving: Volume, transform: sitk.Transform | None = None) -> np.ndarray:
+    """Boolean (z, y, x) on the fixed grid: True where the moving image has data (inside its FOV)."""
+    ones = sitk.Image(moving.image.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(moving.image)
+    return sitk.GetArrayFromImage(resample_image(fixed.image, ones, transform, 0.0)) > 0.5

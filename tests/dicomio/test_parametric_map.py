@@ -20,7 +20,7 @@ from dicomnode.dicomio.parametric_map import (
     quantise,
     valid_content_label,
 )
-from dicomnode.dicomio.validate import validate_dataset
+from dicomnode.dicomio.validate import validate_dataset, validate_file
 from tests.conftest import require_tool
 
 
@@ -99,7 +99,9 @@ def test_references_and_labels(contribution):
     assert pm.ContentLabel == "HEATMAP"
     assert pm.SeriesDescription == f"PT CONTRIBUTION alpha - {NOT_FOR_DIAGNOSIS}"
     assert "method=alpha" in pm.DerivationDescription
-    assert [s.ReferencedSOPInstanceUID for s in pm.SourceImageSequence] == [h.SOPInstanceUID for h in ct.headers]
+    # The fixed slices, then every moving instance: each source series is a source image.
+    assert [s.ReferencedSOPInstanceUID for s in pm.SourceImageSequence] == [
+        h.SOPInstanceUID for h in (*ct.headers, *pt.headers)]
     refs = {item.SeriesInstanceUID: item for item in pm.ReferencedSeriesSequence}
     assert set(refs) == {ct.series_uid, pt.series_uid}
     assert len(refs[pt.series_uid].ReferencedInstanceSequence) == len(pt.headers)
@@ -175,7 +177,9 @@ def test_dcm2pnm_renders_the_first_frame(contribution, tmp_path: Path):
 def test_real_ct_as_fixed(sts_dir: Path):
     from tests.dicomio.conftest import volume_from_files
 
-    ct = volume_from_files(sorted((sts_dir / "CT" / "dicom" / "image").glob("*.dcm")), "HU")
+    ct_files = sorted((sts_dir / "CT" / "dicom" / "image").glob("*.dcm"))
+    ct_file = ct_files[0]
+    ct = volume_from_files(ct_files, "HU")
     pt = volume_from_files(sorted((sts_dir / "PET" / "dicom" / "image").glob("*.dcm")), "BQML")
     values = np.random.default_rng(9).random(_shape(ct))
     pm = build_parametric_map(ct, values, quantity="saliency", series_number=9003,
@@ -183,8 +187,9 @@ def test_real_ct_as_fixed(sts_dir: Path):
     assert int(pm.NumberOfFrames) == len(ct.headers)
     assert pm.StudyInstanceUID == ct.study_uid
     require_tool("dciodvfy")
-    report = validate_dataset(pm)
-    assert report.errors == [], report.errors
+    # Study attributes are copied as received, so the only errors allowed are the source's own
+    # (STS_002's StudyID is 17 characters, one more than SH allows).
+    assert set(validate_dataset(pm).errors) <= set(validate_file(ct_file).errors)
 
 
 def test_multiframe_fixed_frames_reference_their_source_frame(synthetic_volumes):

@@ -26,12 +26,15 @@ def test_fuse_two_files_keeps_colour_of_functional_image(aanlib_dir, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(out2)))
 
 
-def test_fuse_default_method_is_the_network(aanlib_dir, tmp_path):
-    out = tmp_path / "net.png"
+def test_fuse_default_method_keeps_the_fixed_luminance(aanlib_dir, tmp_path):
+    out = tmp_path / "default.png"
     ct, mri = aanlib_dir / "CT-MRI" / "28012_CT.png", aanlib_dir / "CT-MRI" / "28012_MRI.png"
     assert main(["fuse", str(ct), str(mri), str(out), "--device", "cpu"]) == 0
     fused = load_image(out)
-    assert fused.rgb is None and fused.grey.shape == (256, 256) and fused.grey.max() > 0.3
+    # Colour on luminance: one input is the brightness (the fixed one, lifted 5 %), the other the colour.
+    assert fused.rgb is not None and fused.grey.shape == (256, 256)
+    luma = 0.299 * fused.rgb[0] + 0.587 * fused.rgb[1] + 0.114 * fused.rgb[2]
+    assert min(float(np.abs(luma - load_image(p).grey).mean()) for p in (ct, mri)) < 0.06
 
 
 def test_fuse_pairs_folder_and_unfusable_pair_is_an_error(aanlib_dir, tmp_path, capsys):
