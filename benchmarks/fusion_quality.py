@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dicomnode.fusion.datasets import load_training_data, split_by_case
-from dicomnode.fusion.evaluate import dominated_by, evaluate_methods, markdown_table, wins, write_model_card
+from dicomnode.lab.datasets import load_training_data, split_by_case
+from dicomnode.lab.evaluate import dominated_by, evaluate_methods, markdown_table, wins, write_model_card
 from dicomnode.fusion.network import load_model
 
 REPO = Path(__file__).resolve().parents[1]

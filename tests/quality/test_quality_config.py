@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from dicomnode.config import ConfigError, load_config
-from dicomnode.quality.bench import spread
 
 
 def test_quality_defaults_and_unknown_names():
@@ -16,8 +15,3 @@ def test_quality_defaults_and_unknown_names():
         load_config(overrides={"quality": {"metrics": ["EN", "QABF"]}})
     with pytest.raises(ConfigError, match="quality.thresholds"):
         load_config(overrides={"quality": {"thresholds": {"ssim": 0.5}}})
-
-
-def test_limited_bench_spreads_over_the_whole_folder():
-    assert spread(list(range(10)), 3) == [0, 4, 9] or spread(list(range(10)), 3) == [0, 5, 9]
-    assert spread([1, 2], 5) == [1, 2] and spread([1, 2], None) == [1, 2] and spread([1, 2], 0) == []

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dicomnode.fusion.images import find_pairs, load_image
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,13 @@ def _case_from_id(pair_id: str) -> str:
 def load_pair_folder(folder: Path) -> list[PairSample]:
     pairs, problems = find_pairs(folder)
     for problem in problems:
-        log.warning("event=skip_pair folder=%s problem=%s", folder.name, problem)
+        event(log, "skip_pair", logging.WARNING, folder=folder.name, problem=problem)
     cases = _case_ids(folder)
     samples = []
     for pair in pairs:
         fixed, moving = load_image(pair.fixed).grey, load_image(pair.moving).grey
         if fixed.shape != moving.shape:
-            log.warning("event=skip_pair folder=%s pair=%s problem=size_mismatch", folder.name, pair.pair_id)
+            event(log, "skip_pair", logging.WARNING, folder=folder.name, pair=pair.pair_id, problem="size_mismatch")
             continue
         case = cases.get(pair.pair_id, _case_from_id(pair.pair_id))
         samples.append(PairSample(folder.name, case, pair.pair_id, fixed, moving))
@@ -122,5 +123,5 @@ def load_training_data(folders: list[Path]) -> list[PairSample]:
         elif folder.is_dir():
             samples += load_pair_folder(folder)
         else:
-            log.warning("event=missing_data folder=%s", folder)
+            event(log, "missing_data", logging.WARNING, folder=folder)
     return samples

@@ -1,4 +1,4 @@
-"""``dicomnode bench``: run fusion methods over folders of registered 2-D pairs and compare them.
+"""The fusion benchmark (``dicomnode bench``): run fusion methods over folders of registered 2-D pairs and compare them.
 
 A folder holds ``<id>_<MOD>.png`` pairs (AANLIB layout); the anatomical image is fixed (A), the
 other moving (B). Colour functional images are fused on luminance by the fusion engine; all
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomnode.log import event
 from dicomnode.quality.metrics import METRIC_NAMES, compute_metrics, convention_options, round_half_away, to_luminance
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _luma(img: np.ndarray) -> np.ndarray:
     return round_half_away(to_luminance(img, axis=0)) if img.ndim == 3 else img
 
 
-def _list_methods(requested: str | None) -> list[str]:
+def list_methods(requested: str | None) -> list[str]:
     try:
         from dicomnode.fusion.api import available_methods
     except ImportError as exc:  # the fusion engine is not installed in this build
@@ -84,7 +85,7 @@ def _engines(methods: list[str], device: str) -> dict[str, object]:
         try:
             engines[m] = FusionEngine(m, device=device)
         except Exception as exc:  # noqa: BLE001 - e.g. missing network weights: bench the others
-            log.warning("event=bench_method_skipped method=%s reason=%s", m, str(exc).replace(" ", "_")[:200])
+            event(log, "bench_method_skipped", logging.WARNING, method=m, reason=str(exc)[:200])
     if not engines:
         raise BenchError("none of the requested fusion methods could be started")
     return engines
@@ -132,7 +133,7 @@ def run_bench(
             raise BenchError(f"{folder} is not a folder")
         pairs, problems = find_pairs(folder)
         for problem in problems:
-            log.warning("event=bench_pair_skipped folder=%s problem=%s", folder.name, problem.replace(" ", "_"))
+            event(log, "bench_pair_skipped", logging.WARNING, folder=folder.name, problem=problem)
         work += [(folder.name, p) for p in spread(pairs, limit)]
     if not work:
         raise BenchError(f"no <id>_<MOD> image pairs found in {', '.join(str(f) for f in folders)}")
@@ -168,49 +169,5 @@ def run_bench(
                 examples[-1].fused[method] = fused.transpose(1, 2, 0) if fused.shape[0] == 3 else fused[0]
             bar.update(1)
     bar.close()
-    log.info("event=bench_done pairs=%d methods=%d rows=%d", len(work), len(engines), len(rows))
+    event(log, "bench_done", pairs=len(work), methods=len(engines), rows=len(rows))
     return rows, examples
-
-
-def _default_reference(methods: list[str]) -> str:
-    return "average" if "average" in methods else methods[0]
-
-
-def bench_command(args) -> int:
-    """Run the benchmark described by the parsed arguments; write the reports into args.out."""
-    from dicomnode.quality import bench_report
-
-    try:
-        methods = _list_methods(getattr(args, "methods", None))
-        names = getattr(args, "metrics", None)
-        names = [n.strip() for n in names.split(",")] if names else list(METRIC_NAMES)
-        unknown = [n for n in names if n not in METRIC_NAMES]
-        if unknown:
-            raise BenchError(f"unknown metric names {unknown}")
-        from dicomnode.config import QualityConfig
-
-        rows, examples = run_bench(
-            [Path(p) for p in args.data], methods, args.device, args.limit, names,
-            feature_threshold=QualityConfig().feature_threshold, progress=not getattr(args, "quiet", False),
-            conventions=getattr(args, "conventions", "dicomnode"),
-        )
-    except BenchError as exc:
-        print(f"dicomnode bench: {exc}", file=sys.stderr)
-        return 2
-    ran = list(dict.fromkeys(r.method for r in rows))
-    reference = args.reference or _default_reference(ran)
-    if reference not in ran:
-        print(f"dicomnode bench: reference method {reference!r} did not run; ran: {', '.join(ran)}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = bench_report.summarize(rows, names, reference, args.correction)
-    table = bench_report.format_table(summary)
-    print(table)
-    bench_report.write_csv(rows, names, out / "metrics.csv")
-    bench_report.write_json(summary, out / "summary.json")
-    (out / "table.md").write_text(bench_report.format_markdown(summary))
-    bench_report.plot_boxes(rows, names, out / "boxplots")
-    bench_report.plot_examples(examples, out / "examples")
-    print(f"wrote {out}/metrics.csv, summary.json, table.md, boxplots/, examples/")
-    return 0

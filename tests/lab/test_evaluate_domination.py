@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dicomnode.fusion.evaluate import dominated_by
+from dicomnode.lab.evaluate import dominated_by
 
 
 def test_dominated_by_needs_every_metric_at_least_as_good_and_one_better():

@@ -1,4 +1,4 @@
-"""``dicomnode train``: train the attention fusion network on image pairs, unsupervised.
+"""Training of the attention fusion network on image pairs, unsupervised (``dicomnode train``).
 
 Random crops of the training pairs (flips, 90-degree turns, fixed/moving swapped at random so
 the network does not learn which input is which; ``crop`` 256 trains on whole AANLIB slices).
@@ -12,7 +12,6 @@ checkpoint by their loss would make the card's held-out figures optimistic).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.fusion.api import resolve_device
-from dicomnode.fusion.datasets import VALIDATION_CASES, PairSample, load_training_data, split_by_case
-from dicomnode.fusion.losses import LossWeights, fusion_loss
-from dicomnode.fusion.network import FusionNet, load_model, parameter_count, save_weights
+from dicomnode.fusion.network import FusionNet, load_model, parameter_count
+from dicomnode.lab.datasets import VALIDATION_CASES, PairSample, split_by_case
+from dicomnode.lab.losses import LossWeights, fusion_loss
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     budget = settings.time_budget_s
-    log.info("event=train_start params=%d train_pairs=%d val_pairs=%d volume_slices=%d steps=%d device=%s",
-             parameter_count(model), len(flat), len(val_set), len(volume), settings.steps, device)
+    event(log, "train_start", params=parameter_count(model), train_pairs=len(flat), val_pairs=len(val_set),
+          volume_slices=len(volume), steps=settings.steps, device=device)
     history = []
     recent: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -122,9 +121,9 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         if step % settings.log_every == 0 or last:
             values = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
             history.append((step, values["total"]))
-            log.info("event=train_progress step=%d loss=%.4f ssim=%.4f gradient=%.5f intensity=%.4f selection=%.4f rule=%.4f "
-                     "elapsed_s=%.0f", step, values["total"], values["ssim"], values["gradient"], values["intensity"],
-                     values.get("selection", 0.0), values.get("rule", 0.0), time.perf_counter() - start)
+            event(log, "train_progress", step=step, loss=values["total"], ssim=values["ssim"], gradient=values["gradient"],
+                  intensity=values["intensity"], selection=values.get("selection", 0.0), rule=values.get("rule", 0.0),
+                  elapsed_s=round(time.perf_counter() - start))
             recent.clear()
         if last:
             break
@@ -145,39 +144,3 @@ def train(samples: list[PairSample], settings: TrainSettings, device: torch.devi
         "device": str(device),
     }
     return model.cpu(), summary
-
-
-def train_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = TrainSettings(seed=args.seed)
-    for name in ("steps", "batch", "crop", "lr", "init"):
-        if getattr(args, name, None) is not None:
-            setattr(settings, name, getattr(args, name))
-    if getattr(args, "minutes", None) is not None:
-        settings.time_budget_s = args.minutes * 60.0
-        settings.steps = 10**9 if args.steps is None else settings.steps
-    if getattr(args, "loss_weights", None):
-        values = [float(v) for v in args.loss_weights.split(",")]
-        if len(values) not in (3, 4, 5):
-            raise ValueError("--loss-weights takes SSIM,GRADIENT,INTENSITY[,SELECTION[,RULE]] (RULE > 0: selection head)")
-        settings.loss = LossWeights(*values)
-    torch.set_num_threads(settings.threads)
-    shared = REPO_ROOT.parent / "shared" / "data"
-    folders = list(args.data) if args.data else [shared / d for d in DEFAULT_DATA]
-    samples = load_training_data(folders)
-    if args.epochs is not None:
-        train_count = len(split_by_case(samples)[0])
-        settings.steps = max(1, math.ceil(args.epochs * train_count / settings.batch))
-    device = resolve_device(args.device)
-    model, summary = train(samples, settings, device)
-    out: Path = args.out
-    weights = out / "fusion_net.pt"
-    save_weights(model, weights, meta={k: v for k, v in summary.items() if k != "history"})
-    log.info("event=train_done weights=%s steps=%d seconds=%d", weights, summary["steps_done"], summary["train_seconds"])
-    from dicomnode.fusion.evaluate import evaluate_methods, write_model_card
-
-    _, val_set = split_by_case(samples)
-    table = evaluate_methods(val_set, model).metrics if val_set and not getattr(args, "no_eval", False) else None
-    write_model_card(out / "MODEL_CARD.md", summary, table)
-    log.info("event=model_card path=%s", out / "MODEL_CARD.md")
-    return 0

@@ -18,6 +18,7 @@ import torch
 
 from dicomnode.fusion.api import FusionEngine, UnknownMethod
 from dicomnode.fusion.images import ImagePair, LoadedImage, PairError, find_pairs, load_image, order_pair, parse_pair_name, save_image
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _fuse_folder(engine: FusionEngine, folder: Path, out_dir: Path) -> list[str]
             done += 1
     if not pairs and not problems:
         problems.append(f"no <id>_<MOD> image pairs found in {folder}")
-    log.info("event=fuse_folder folder=%s fused=%d problems=%d", folder, done, len(problems))
+    event(log, "fuse_folder", folder=folder, fused=done, problems=len(problems))
     return problems
 
 
@@ -115,7 +116,7 @@ def fuse_command(args: argparse.Namespace) -> int:
         problems = _fuse_folder(engine, args.pairs, args.out)
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
-        log.info("event=fuse_done method=%s seconds=%.2f", method, time.perf_counter() - start)
+        event(log, "fuse_done", method=method, seconds=round(time.perf_counter() - start, 2))
         return 1 if problems else 0
     a, b, out = args.inputs
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dicomnode.fusion.api import get_method
-from dicomnode.fusion.datasets import PairSample
+from dicomnode.lab.datasets import PairSample
 from dicomnode.fusion.explain import network_method
 from dicomnode.fusion.network import FusionNet
 
@@ -143,7 +143,7 @@ selection map `w` (1 = take the moving image) and fuses `F = (1 - w) A + w B` wi
 map. Colour functional images are fused on BT.601 luminance (Y), their chroma kept."""
         others = ", ".join(f"{settings['loss'][k]} x {k}" for k in ("ssim", "gradient", "intensity", "selection")
                            if settings["loss"].get(k))
-        loss_text = f"""Supervised by a fixed rule (`losses.guarded_selection`): loss = {rule} x binary cross-entropy of the
+        loss_text = f"""Supervised by a fixed rule (`dicomnode.lab.losses.guarded_selection`): loss = {rule} x binary cross-entropy of the
 selection logit to the rule's map{' + ' + others + ' (unsupervised terms)' if others else ''}. The rule picks regions of the source with more local activity
 (Gaussian-weighted Sobel, sigma 5 px, plus a vote for the brighter source; majority filter sigma 5 px)
 and always keeps the moving image where it is brighter than the fixed one by more than 0.1 (smoothed),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as ss
 
-from dicomnode.quality import stats
+from dicomnode.lab import stats
 
 
 @pytest.fixture

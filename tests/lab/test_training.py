@@ -6,10 +6,11 @@ import time
 import pytest
 import torch
 
-from dicomnode.fusion.datasets import VALIDATION_CASES, load_pair_folder, split_by_case
-from dicomnode.fusion.losses import LossWeights, fusion_loss
+from dicomnode.lab.datasets import VALIDATION_CASES, load_pair_folder, split_by_case
+from dicomnode.lab.losses import LossWeights, fusion_loss
 from dicomnode.fusion.network import load_model
-from dicomnode.fusion.training import TrainSettings, train, train_command
+from dicomnode.commands.lab import train_command
+from dicomnode.lab.training import TrainSettings, train
 
 
 def test_validation_split_is_by_case(aanlib_dir):
@@ -75,7 +76,7 @@ def test_train_command_writes_weights_and_model_card(aanlib_dir, tmp_path):
 def test_separable_ssim_matches_the_2d_window():
     import torch.nn.functional as F
 
-    from dicomnode.fusion.losses import _gaussian_1d, ssim_map
+    from dicomnode.lab.losses import _gaussian_1d, ssim_map
 
     x, y = torch.rand(2, 1, 40, 40), torch.rand(2, 1, 40, 40)
     g = _gaussian_1d(x.device, x.dtype)
@@ -87,7 +88,7 @@ def test_separable_ssim_matches_the_2d_window():
 
 
 def test_activity_selection_copies_the_busier_source():
-    from dicomnode.fusion.losses import LossWeights, activity_selection, fusion_loss
+    from dicomnode.lab.losses import LossWeights, activity_selection, fusion_loss
 
     a = torch.full((1, 1, 64, 64), 0.5)
     b = torch.zeros(1, 1, 64, 64)
@@ -122,7 +123,7 @@ def test_train_command_stops_at_its_time_budget(aanlib_dir, tmp_path):
 
 
 def test_guarded_selection_prefers_busier_regions_but_keeps_brighter_uptake():
-    from dicomnode.fusion.losses import LossWeights, fusion_loss, guarded_selection
+    from dicomnode.lab.losses import LossWeights, fusion_loss, guarded_selection
 
     a = torch.zeros(1, 1, 96, 96)
     a[..., ::4, :] = 0.4  # stripes: the busier source everywhere

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dicomnode.fusion.datasets import PairSample
-from dicomnode.fusion.evaluate import evaluate_methods, excess_kept, wins
+from dicomnode.lab.datasets import PairSample
+from dicomnode.lab.evaluate import evaluate_methods, excess_kept, wins
 
 
 def _sample(task: str, seed: int) -> PairSample:

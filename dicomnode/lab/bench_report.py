@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.quality import stats
+from dicomnode.lab import stats
 from dicomnode.quality.names import DIRECTIONS
 
 SIGNIFICANCE = 0.05

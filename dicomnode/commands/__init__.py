@@ -1,0 +1,1 @@
+"""Command-line handlers, one module per command group; ``dicomnode.cli`` parses and dispatches here."""
