@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from dicomnode.domain import luma as bt601_luma
+
 CT_WINDOW = (40.0, 400.0)
 OVERLAY_ALPHA = 0.5
 OVERLAY_THRESHOLD = 0.1
@@ -63,7 +65,7 @@ def viewer_overlay(ct_w: np.ndarray, moving_display: np.ndarray) -> np.ndarray:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    return bt601_luma(rgb[..., 0], rgb[..., 1], rgb[..., 2])
 
 
 def colour_labels(rgb: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MODALITIES = ("CT", "MR", "PT", "NM")
+from dicomnode.domain import Modality
 
 
 class _Section(BaseModel):
@@ -116,8 +116,8 @@ class PairingRule(_Section):
     """Which series are fused onto which: ``moving`` is resampled onto ``fixed``'s grid."""
 
     name: str = ""
-    fixed: Literal["CT", "MR", "PT", "NM"]
-    moving: Literal["CT", "MR", "PT", "NM"]
+    fixed: Modality
+    moving: Modality
     # "study": same StudyInstanceUID. "patient": same PatientID within max_days.
     match: Literal["study", "patient"] = "study"
     max_days: int = Field(0, ge=0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Config, PairingRule
+from dicomnode.domain import FUNCTIONAL, READER_NAMES, luma, series_number
 
 if TYPE_CHECKING:
     from dicomnode.routing import SeriesRef
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Series numbers of the derived series: 9000 + 10 * job id + the kind's offset, so two jobs of one
-# study (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
-SERIES_NUMBER_BASE = 9000
-SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
-FUNCTIONAL = ("PT", "NM")
 CHROMA = "chroma"  # fusion.api.CHROMA, named here without importing torch at node start
 
 
@@ -97,11 +93,6 @@ def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> Output
     return OutputSeries(series_uid, kind, files)
 
 
-def series_number(job_id: int, kind: str) -> int:
-    """The SeriesNumber of one derived series of one job (IS: fits 2**31 - 1 up to job 2e8)."""
-    return SERIES_NUMBER_BASE + 10 * int(job_id) + SERIES_OFFSETS[kind]
-
-
 def registration_report(reg) -> dict[str, Any]:
     """A JSON-able summary of a ``Registration`` for the Job row."""
     from dataclasses import asdict
@@ -118,17 +109,14 @@ def registration_report(reg) -> dict[str, Any]:
 
 def _luma(rgb):
     """(N, 3, H, W) -> (N, H, W), BT.601 weights: the grey image metrics are computed on."""
-    return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-
-
-_READER_NAMES = {"PT": "PET", "NM": "SPECT", "MR": "MR", "CT": "CT"}
+    return luma(rgb[:, 0], rgb[:, 1], rgb[:, 2])
 
 
 def reader_description(moving_modality: str, fixed_modality: str, moving_range) -> str:
     """A SeriesDescription a reader understands: "PET on CT fusion, SUV 0-10", "MR on CT fusion, MR 12-845"."""
-    name = _READER_NAMES.get(moving_modality, moving_modality)
+    name = READER_NAMES.get(moving_modality, moving_modality)
     values = moving_range.describe() if moving_range.unit else f"{name} {moving_range.describe()}"
-    return f"{name} on {_READER_NAMES.get(fixed_modality, fixed_modality)} fusion, {values}"
+    return f"{name} on {READER_NAMES.get(fixed_modality, fixed_modality)} fusion, {values}"
 
 
 def scale_text(method: str, fusion_config, moving_modality: str, moving_range, fixed_modality: str, fixed_range,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from dicomnode import domain
+
 # Full-range BT.601 (ITU-R BT.601 luma weights, JPEG/JFIF scaling).
 _RGB_TO_YCBCR = (
-    (0.299, 0.587, 0.114),
+    domain.LUMA_WEIGHTS,
     (-0.168735892, -0.331264108, 0.5),
     (0.5, -0.418687589, -0.081312411),
 )
@@ -67,7 +69,7 @@ def luma(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB -> (N, 1, H, W) BT.601 luma; a one-channel image is returned as it is."""
     if rgb.shape[1] == 1:
         return rgb
-    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    return domain.luma(rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3])
 
 
 def is_grey(rgb: torch.Tensor, tolerance: float = 1.0 / 255.0) -> bool:

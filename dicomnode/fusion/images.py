@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dicomnode.domain import luma
+
 # File-name modality -> (DICOM modality, anatomical?)
 MODALITY_ALIASES = {
     "CT": ("CT", True), "MR": ("MR", True), "MRI": ("MR", True), "T1": ("MR", True), "T2": ("MR", True),
@@ -59,7 +61,7 @@ def load_image(path: Path) -> LoadedImage:
     rgb = arr.transpose(2, 0, 1).copy()
     if np.abs(rgb.max(axis=0) - rgb.min(axis=0)).max() <= 1.0 / 255.0:
         return LoadedImage(rgb.mean(axis=0), None)
-    grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]).astype(np.float32)
+    grey = luma(rgb[0], rgb[1], rgb[2]).astype(np.float32)
     return LoadedImage(grey, rgb)
 
 

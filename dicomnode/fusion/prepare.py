@@ -101,7 +101,3 @@ def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fus
         return _window(array, (window.low + window.high) / 2, window.high - window.low).astype(np.float32)
     return _scale(array, window.low, window.high).astype(np.float32)
 
-
-def is_functional(modality: str) -> bool:
-    """PET and NM/SPECT are colour-mapped and fused on luminance."""
-    return modality.upper() in {"PT", "NM"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dicomnode.domain import luma
 from dicomnode.quality import basic, information, perceptual, stack, structural
 from dicomnode.quality.fsim import fsim
 from dicomnode.quality.names import DEFAULT_SERIES_METRICS, DIRECTIONS, METRIC_NAMES
@@ -208,7 +209,7 @@ def to_luminance(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
     if rgb.shape[axis] != 3:
         raise MetricInputError(f"colour images need 3 channels on axis {axis}, got shape {rgb.shape}")
     r, g, b = np.moveaxis(rgb, axis, 0)
-    return 0.299 * r + 0.587 * g + 0.114 * b
+    return luma(r, g, b)
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:

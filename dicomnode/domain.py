@@ -1,0 +1,43 @@
+"""What the node knows about the images it handles: modalities, which are functional, luma, series numbers.
+
+Plain constants and two tiny functions, no imports, so the configuration, the pipeline, the fusion
+engine and the quality metrics can share them without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# The modalities the node pairs and fuses (DICOM Modality, C.7.3.1.1.1).
+MODALITIES = ("CT", "MR", "PT", "NM")
+Modality = Literal["CT", "MR", "PT", "NM"]
+
+# Functional images (PET, NM/SPECT): colour-mapped, fused on luminance, SUV where the headers allow.
+FUNCTIONAL = frozenset({"PT", "NM"})
+
+# The names a reader knows, for series descriptions ("PET on CT fusion, SUV 0-8").
+READER_NAMES = {"PT": "PET", "NM": "SPECT", "MR": "MR", "CT": "CT"}
+
+# ITU-R BT.601 luma weights (R, G, B): every grey image the node derives from colour uses them.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+# Derived series are numbered 9000 + 10 * job id + the kind's offset, so two jobs of one study
+# (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
+SERIES_NUMBER_BASE = 9000
+SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
+
+
+def is_functional(modality: str) -> bool:
+    """PET and NM/SPECT are colour-mapped and fused on luminance."""
+    return modality.upper() in FUNCTIONAL
+
+
+def luma(r, g, b):
+    """BT.601 luma of three channels (numpy arrays or torch tensors), on the scale of the input."""
+    wr, wg, wb = LUMA_WEIGHTS
+    return wr * r + wg * g + wb * b
+
+
+def series_number(job_id: int, kind: str) -> int:
+    """The SeriesNumber of one derived series of one job (IS: fits 2**31 - 1 up to job 2e8)."""
+    return SERIES_NUMBER_BASE + 10 * int(job_id) + SERIES_OFFSETS[kind]
