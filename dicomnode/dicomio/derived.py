@@ -180,6 +180,43 @@ def check_fixed_geometry(fixed: Volume) -> tuple[int, int]:
     return rows, cols
 
 
+def check_frame_of_reference(fixed: Volume) -> None:
+    """Every fixed slice names its FrameOfReferenceUID: derived series are linked to the anatomy through it."""
+    missing = [i for i, h in enumerate(fixed.headers) if not str(h.get("FrameOfReferenceUID") or "")]
+    if missing:
+        raise EncodingError(f"fixed series {fixed.series_uid} has no FrameOfReferenceUID on slice(s) "
+                            f"{', '.join(str(i) for i in missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                            "to link the derived series")
+
+
+def check_sources(volumes: Iterable[Volume]) -> None:
+    """Every source slice can be referenced (SOP Class and Instance UIDs) and placed (ImagePositionPatient)."""
+    for volume in volumes:
+        if not volume.headers:
+            raise EncodingError(f"source series {volume.series_uid} has no slice headers to reference")
+        for i, h in enumerate(volume.headers):
+            missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "ImagePositionPatient") if not h.get(k)]
+            if missing:
+                raise EncodingError(f"slice {i} of source series {volume.series_uid} lacks {', '.join(missing)}")
+
+
+def check_series_number(number: int) -> int:
+    """A SeriesNumber (IS) the node may write: 1 .. 2**31 - 1."""
+    if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or not 1 <= int(number) <= 2**31 - 1:
+        raise EncodingError(f"series number {number!r} is not an integer in 1..2147483647 (IS)")
+    return int(number)
+
+
+def check_text(value: object, what: str) -> str:
+    """A free-text input (method, derivation, description) as a string; only the layout controls of ST
+    (tab, line and form feed, carriage return) may appear, never NUL and the like."""
+    if not isinstance(value, str):
+        raise EncodingError(f"{what} must be text, got {type(value).__name__}")
+    if any(not c.isprintable() and c not in "\t\n\f\r" for c in value):
+        raise EncodingError(f"{what} {value[:40]!r} holds control characters")
+    return value
+
+
 def check_stack(array: np.ndarray, fixed: Volume, rows: int, cols: int, what: str, channels: int | None) -> None:
     """An (N, rows, cols[, channels]) stack with one plane per fixed slice."""
     expected = (len(fixed.headers), rows, cols) + ((channels,) if channels else ())

@@ -31,7 +31,11 @@ from dicomnode.dicomio.derived import (
     MANUFACTURER,
     EncodingError,
     check_fixed_geometry,
+    check_frame_of_reference,
+    check_series_number,
+    check_sources,
     check_stack,
+    check_text,
     clip_copied_strings,
     common_instance_references,
     copy_anatomy,
@@ -44,6 +48,7 @@ from dicomnode.dicomio.derived import (
     spatial_resampling,
 )
 from dicomnode.imaging.volume import Volume
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -137,93 +142,113 @@ def quantise(values: np.ndarray, value_range: tuple[float, float] | None = None)
     return Quantised(stored=stored, slope=slope, intercept=lo)
 
 
-def build_parametric_map(
-    fixed: Volume,
-    values: np.ndarray,
-    *,
-    content_label: str = "HEATMAP",
-    quantity: Code | str,
-    unit: Code | str | None = None,
-    series_number: int,
-    series_description: str,
-    sources: list[Volume],
-    value_range: tuple[float, float] | None = None,
-    derivation: str = "",
-    method: str = "",
-) -> Dataset:
-    """One multi-frame Parametric Map on the fixed grid, frame k on fixed.headers[k].
+class ParametricMapSeries:
+    """One heat-map series: a multi-frame uint16 Parametric Map on the fixed grid, frame k on fixed.headers[k].
+
+    As highdicom's IODs do, the constructor takes everything the series needs and checks it
+    before anything is built (fixed geometry and frame of reference, the value stack, the sources
+    it references, quantity and unit codes, label, series number and texts), raising
+    ``EncodingError`` with the reason. ``dataset`` is then complete: no caller adds to or repairs it.
 
     values: (N, rows, columns) float real-world values, stored as uint16 with a linear Real World
     Value Mapping. highdicom stores the frames in its own spatial order (for axial slices, z
-    decreasing): read them back by their per-frame positions (``decode_parametric_map``). ``quantity`` is a Code or a HeatmapKind name (its unit is then implied);
-    ``unit``: a Code or a UCUM code string ("1", "mm"). ``sources``: the input volumes, all
-    referenced (the fixed one always is).
+    decreasing): read them back by their per-frame positions (``decode_parametric_map``).
+    ``quantity`` is a Code or a HeatmapKind name (its unit is then implied); ``unit``: a Code or a
+    UCUM code string ("1", "mm"). ``sources``: the input volumes, all referenced (the fixed one always is).
     """
-    if isinstance(quantity, str):
-        coding = heatmap_coding(quantity)
-        quantity, unit = coding.quantity, unit or coding.unit
-        value_range = value_range if value_range is not None else coding.value_range
-    if isinstance(unit, str):
-        unit = ucum(unit)
-    if unit is None:
-        raise EncodingError("a parametric map needs a unit code (UCUM, '1' for ratios)")
-    rows, cols = check_fixed_geometry(fixed)
-    values = np.asarray(values)
-    check_stack(values, fixed, rows, cols, "heat map", channels=None)
-    q = quantise(values, value_range)
-    label = valid_content_label(content_label)
-    mapping = RealWorldValueMapping(
-        lut_label=label,
-        lut_explanation=f"{quantity.meaning} ({unit.value})"[:64],
-        unit=unit,
-        value_range=(0, STORED_MAX),
-        slope=q.slope,
-        intercept=q.intercept,
-        quantity_definition=quantity,
-    )
-    headers = fixed.headers
-    h0 = headers[0]
-    others = [v for v in sources if v.series_uid != fixed.series_uid]
-    now = datetime.datetime.now()
-    pm = ParametricMap(
-        source_images=_source_images(headers),
-        pixel_array=q.stored,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=f"{MANUFACTURER} heatmap",
-        software_versions=software_versions(),
-        device_serial_number="0",
-        contains_recognizable_visual_features=False,
-        real_world_value_mappings=[mapping],
-        voi_lut_transformations=[_display_window(q.stored)],
-        content_label=label,
-        content_description=f"{quantity.meaning}"[:64],
-        pixel_measures=PixelMeasuresSequence(
-            pixel_spacing=[float(v) for v in h0.PixelSpacing],
-            slice_thickness=float(h0.get("SliceThickness") or fixed.image.GetSpacing()[2]),
-            spacing_between_slices=float(fixed.image.GetSpacing()[2]),
-        ),
-        plane_orientation=PlaneOrientationSequence("PATIENT", [float(v) for v in h0.ImageOrientationPatient]),
-        plane_positions=[PlanePositionSequence("PATIENT", [float(v) for v in h.ImagePositionPatient])
-                         for h in headers],
-        series_description=derived_series_description(series_description),
-        coding_schemes=_private_schemes(quantity, unit),
-        series_date=now.date(),
-        series_time=now.time(),
-        content_date=now.date(),
-        content_time=now.time(),
-        contributing_equipment=source_equipment(others),  # highdicom adds the fixed one's
-    )
-    _add_derivation(pm, fixed, others, derivation_description(method, derivation or quantity.meaning))
-    log.info("event=parametric_map_encoded label=%s frames=%d series_number=%d slope=%.6g intercept=%.6g",
-             label, len(headers), series_number, q.slope, q.intercept)
-    return pm
+
+    def __init__(
+        self,
+        fixed: Volume,
+        values: np.ndarray,
+        *,
+        content_label: str = "HEATMAP",
+        quantity: Code | str,
+        unit: Code | str | None = None,
+        series_number: int,
+        series_description: str,
+        sources: list[Volume],
+        value_range: tuple[float, float] | None = None,
+        derivation: str = "",
+        method: str = "",
+    ) -> None:
+        if isinstance(quantity, str):
+            coding = heatmap_coding(quantity)
+            quantity, unit = coding.quantity, unit or coding.unit
+            value_range = value_range if value_range is not None else coding.value_range
+        if isinstance(unit, str):
+            unit = ucum(unit)
+        if unit is None:
+            raise EncodingError("a parametric map needs a unit code (UCUM, '1' for ratios)")
+        rows, cols = check_fixed_geometry(fixed)
+        check_frame_of_reference(fixed)
+        others = [v for v in sources if v.series_uid != fixed.series_uid]
+        check_sources(others)
+        values = np.asarray(values)
+        check_stack(values, fixed, rows, cols, "heat map", channels=None)
+        self.series_number = check_series_number(series_number)
+        self.label = valid_content_label(content_label)
+        description = derived_series_description(check_text(series_description, "series description"))
+        derivation_text = derivation_description(check_text(method, "fusion method"),
+                                                 check_text(derivation, "derivation") or quantity.meaning)
+        self.quantised = q = quantise(values, value_range)
+        mapping = RealWorldValueMapping(
+            lut_label=self.label,
+            lut_explanation=f"{quantity.meaning} ({unit.value})"[:64],
+            unit=unit,
+            value_range=(0, STORED_MAX),
+            slope=q.slope,
+            intercept=q.intercept,
+            quantity_definition=quantity,
+        )
+        headers = fixed.headers
+        h0 = headers[0]
+        now = datetime.datetime.now()
+        pm = ParametricMap(
+            source_images=_source_images(headers),
+            pixel_array=q.stored,
+            series_instance_uid=generate_uid(),
+            series_number=self.series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=f"{MANUFACTURER} heatmap",
+            software_versions=software_versions(),
+            device_serial_number="0",
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[_display_window(q.stored)],
+            content_label=self.label,
+            content_description=f"{quantity.meaning}"[:64],
+            pixel_measures=PixelMeasuresSequence(
+                pixel_spacing=[float(v) for v in h0.PixelSpacing],
+                slice_thickness=float(h0.get("SliceThickness") or fixed.image.GetSpacing()[2]),
+                spacing_between_slices=float(fixed.image.GetSpacing()[2]),
+            ),
+            plane_orientation=PlaneOrientationSequence("PATIENT", [float(v) for v in h0.ImageOrientationPatient]),
+            plane_positions=[PlanePositionSequence("PATIENT", [float(v) for v in h.ImagePositionPatient])
+                             for h in headers],
+            series_description=description,
+            coding_schemes=_private_schemes(quantity, unit),
+            series_date=now.date(),
+            series_time=now.time(),
+            content_date=now.date(),
+            content_time=now.time(),
+            contributing_equipment=source_equipment(others),  # highdicom adds the fixed one's
+        )
+        _add_derivation(pm, fixed, others, derivation_text)
+        self.dataset: Dataset = pm
+        event(log, "parametric_map_encoded", label=self.label, frames=len(headers), series_number=self.series_number,
+              slope=q.slope, intercept=q.intercept)
+
+
+def build_parametric_map(fixed: Volume, values: np.ndarray, **options) -> Dataset:
+    """The dataset of ``ParametricMapSeries(fixed, values, **options)``."""
+    return ParametricMapSeries(fixed, values, **options).dataset
 
 
 def _add_derivation(pm: Dataset, fixed: Volume, others: list[Volume], text: str) -> None:
+    """What ParametricMap's constructor does not take: anatomy, derivation, every source's references, study."""
     copy_anatomy(pm, fixed.headers[0])
     pm.DerivationDescription = text
     pm.DerivationCodeSequence = DicomSequence([spatial_resampling()])
@@ -243,7 +268,7 @@ def _add_derivation(pm: Dataset, fixed: Volume, others: list[Volume], text: str)
     copy_study_and_deidentification(pm, fixed.headers[0])
     clipped = clip_copied_strings(pm)
     if clipped:
-        log.debug("event=source_values_clipped keywords=%s", ",".join(clipped))
+        event(log, "source_values_clipped", logging.DEBUG, keywords=",".join(clipped))
 
 
 def _source_images(headers: list[Dataset]) -> list[Dataset]:

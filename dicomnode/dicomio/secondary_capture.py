@@ -20,7 +20,11 @@ from dicomnode.dicomio.derived import (
     MANUFACTURER,
     EncodingError,
     check_fixed_geometry,
+    check_frame_of_reference,
+    check_series_number,
+    check_sources,
     check_stack,
+    check_text,
     clip_copied_strings,
     common_instance_references,
     copy_anatomy,
@@ -36,6 +40,7 @@ from dicomnode.dicomio.derived import (
     spatial_resampling,
 )
 from dicomnode.imaging.volume import Volume
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -48,50 +53,67 @@ def fused_series_description(fixed: Volume, moving: Volume, method: str) -> str:
     return derived_series_description(f"FUSED {moving.modality}->{fixed.modality} {method}")
 
 
-def build_fused_series(
-    fixed: Volume,
-    moving: Volume,
-    rgb: np.ndarray,
-    *,
-    method: str,
-    derivation: str,
-    series_number: int = 9001,
-    series_description: str | None = None,
-) -> list[Dataset]:
-    """One RGB Secondary Capture per fixed slice, in the fixed series' study and frame of reference.
+class FusedSeries:
+    """The fused series of one job: one RGB Secondary Capture instance per fixed slice.
+
+    As highdicom's IODs do, the constructor takes everything the series needs and checks it
+    before anything is built (fixed geometry and frame of reference, the RGB stack, the source
+    slices it references, series number and texts), raising ``EncodingError`` with the reason.
+    ``datasets`` are then complete: no caller adds to or repairs them.
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
-    (increasing z). Instances are returned and numbered (1..N) in ``display_order``, the order of
+    (increasing z). Instances are held and numbered (1..N) in ``display_order``, the order of
     the Parametric Map frames (head to feet for axial slices).
     """
-    rows, cols = check_fixed_geometry(fixed)
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8:
-        raise EncodingError(f"fused slices must be uint8 RGB, got {rgb.dtype}")
-    check_stack(rgb, fixed, rows, cols, "fused RGB stack", channels=3)
-    description = derived_series_description(series_description) if series_description \
-        else fused_series_description(fixed, moving, method)
-    derivation_text = derivation_description(method, derivation)
-    series_uid = generate_uid()
-    now = datetime.datetime.now()
-    moving_slices = overlapping_slices(fixed, moving)
-    out = []
-    for number, k in enumerate(display_order(fixed.headers), 1):
-        header = fixed.headers[k]
+
+    def __init__(
+        self,
+        fixed: Volume,
+        moving: Volume,
+        rgb: np.ndarray,
+        *,
+        method: str,
+        derivation: str,
+        series_number: int = 9001,
+        series_description: str | None = None,
+    ) -> None:
+        rows, cols = check_fixed_geometry(fixed)
+        check_frame_of_reference(fixed)
+        check_sources([moving])
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8:
+            raise EncodingError(f"fused slices must be uint8 RGB, got {rgb.dtype}")
+        check_stack(rgb, fixed, rows, cols, "fused RGB stack", channels=3)
+        self.method = check_text(method, "fusion method")
+        self.series_number = check_series_number(series_number)
+        self.series_description = derived_series_description(check_text(series_description, "series description")) \
+            if series_description else fused_series_description(fixed, moving, method)
+        self.derivation_description = derivation_description(method, check_text(derivation, "derivation"))
+        self.series_uid = generate_uid()
+        now = datetime.datetime.now()
+        moving_slices = overlapping_slices(fixed, moving)
+        self.datasets: list[Dataset] = [
+            self._instance(fixed, moving, fixed.headers[k], rgb[k], moving_slices[k], number, now)
+            for number, k in enumerate(display_order(fixed.headers), 1)
+        ]
+        event(log, "fused_series_encoded", method=method, slices=len(self.datasets), series_number=self.series_number)
+
+    def _instance(self, fixed: Volume, moving: Volume, header: Dataset, pixels: np.ndarray,
+                  moving_slices: list[Dataset], number: int, now: datetime.datetime) -> Dataset:
         sc = SCImage.from_ref_dataset(
             header,
-            pixel_array=np.ascontiguousarray(rgb[k]),
+            pixel_array=np.ascontiguousarray(pixels),
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
-            series_instance_uid=series_uid,
-            series_number=series_number,
+            series_instance_uid=self.series_uid,
+            series_number=self.series_number,
             sop_instance_uid=generate_uid(),
             instance_number=number,
             manufacturer=MANUFACTURER,
             pixel_spacing=tuple(float(v) for v in header.PixelSpacing),
             patient_orientation=patient_orientation(header.ImageOrientationPatient),
-            series_description=description,
+            series_description=self.series_description,
             manufacturer_model_name=f"{MANUFACTURER} fusion",
             software_versions=software_versions(),
             series_date=now.date(),
@@ -100,31 +122,27 @@ def build_fused_series(
             content_time=now.time(),
             contributing_equipment=source_equipment([moving]),  # highdicom adds the fixed one's
         )
-        _add_derivation(sc, fixed, moving, header, moving_slices[k], derivation_text)
-        out.append(sc)
-    log.info("event=fused_series_encoded method=%s slices=%d series_number=%d", method, len(out), series_number)
-    return out
+        # What the SC IOD's highdicom constructor does not take: plane, derivation, references, study.
+        for keyword in _COPIED:
+            if keyword in header and header[keyword].value not in (None, ""):
+                setattr(sc, keyword, header[keyword].value)
+        copy_anatomy(sc, header)
+        sc.ImageType = ["DERIVED", "SECONDARY", "FUSION"]
+        sc.BurnedInAnnotation = "NO"
+        sc.RecognizableVisualFeatures = "NO"
+        sc.LossyImageCompression = "00"
+        sc.DerivationDescription = self.derivation_description
+        sc.DerivationCodeSequence = DicomSequence([spatial_resampling()])
+        # Every source series: this fixed slice and the moving slices that overlap it.
+        sc.SourceImageSequence = DicomSequence([source_image_item(h) for h in (header, *moving_slices)])
+        sc.update(common_instance_references(fixed.study_uid, [(fixed, [header]), (moving, moving.headers)]))
+        copy_study_and_deidentification(sc, header)
+        clipped = clip_copied_strings(sc)
+        if clipped:
+            event(log, "source_values_clipped", logging.DEBUG, keywords=",".join(clipped))
+        return sc
 
 
-def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset, moving_slices: list[Dataset],
-                    text: str) -> None:
-    for keyword in _COPIED:
-        if keyword in header and header[keyword].value not in (None, ""):
-            setattr(sc, keyword, header[keyword].value)
-    copy_anatomy(sc, header)
-    sc.ImageType = ["DERIVED", "SECONDARY", "FUSION"]
-    sc.BurnedInAnnotation = "NO"
-    sc.RecognizableVisualFeatures = "NO"
-    sc.LossyImageCompression = "00"
-    sc.DerivationDescription = text
-    sc.DerivationCodeSequence = DicomSequence([spatial_resampling()])
-    # Every source series: this fixed slice and the moving slices that overlap it.
-    sc.SourceImageSequence = DicomSequence([source_image_item(h) for h in (header, *moving_slices)])
-    references = common_instance_references(fixed.study_uid, [(fixed, [header]), (moving, moving.headers)])
-    sc.update(references)
-    copy_study_and_deidentification(sc, header)
-    clipped = clip_copied_strings(sc)
-    if clipped:
-        log.debug("event=source_values_clipped keywords=%s", ",".join(clipped))
-    if "FrameOfReferenceUID" not in sc:
-        raise EncodingError(f"fixed series {fixed.series_uid} has no FrameOfReferenceUID to link the fused series")
+def build_fused_series(fixed: Volume, moving: Volume, rgb: np.ndarray, **options) -> list[Dataset]:
+    """The instances of ``FusedSeries(fixed, moving, rgb, **options)``."""
+    return FusedSeries(fixed, moving, rgb, **options).datasets
