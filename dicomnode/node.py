@@ -22,10 +22,11 @@ from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import SeriesState
 from dicomnode.audit.retention import purge_audit
 from dicomnode.config import Config, ConfigError, load_config
-from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
+from dicomnode.jobs import create_job, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
 from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
 from dicomnode.store.spool import Spool
+from dicomnode.worker import JobWorker, ProcessFn, recover
 
 log = logging.getLogger(__name__)
 

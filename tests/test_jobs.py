@@ -10,10 +10,11 @@ from sqlalchemy import select
 from tests.backends import BACKENDS, open_test_db
 from dicomnode.audit.models import Instance, Job, JobEvent, JobState, Metric, Send, SendState, Series, SeriesState
 from dicomnode.config import load_config
-from dicomnode.jobs import IllegalTransition, JobWorker, create_job, recover, settle_sending_jobs, transition
+from dicomnode.jobs import IllegalTransition, create_job, settle_sending_jobs, transition
 from dicomnode.pipeline import OutputSeries, ProcessingOutput
 from dicomnode.routing import Pairing, SeriesRef
 from dicomnode.store.spool import Spool
+from dicomnode.worker import JobWorker, recover
 
 
 @pytest.fixture(params=BACKENDS)

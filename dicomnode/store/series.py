@@ -1,4 +1,4 @@
-"""Series completion: when a received series counts as complete.
+"""Series completion: when a received series counts as complete; lookups of a series' rows and files.
 
 A series is complete once no instance arrived for ``completion.stable_age_s`` seconds, or at
 once when its expected instance count (e.g. NumberOfSlices of PET/NM) is known and reached.
@@ -12,12 +12,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dicomnode.audit.models import Series, SeriesState
+from dicomnode.audit.models import Instance, Series, SeriesState
 from dicomnode.config import CompletionConfig
+from dicomnode.routing import SeriesRef
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +145,23 @@ def complete_if_expected(
     if completed is not None and on_complete is not None:
         on_complete(session, completed)
     return completed
+
+
+def series_files(session: Session, spool_root: Path, series_uid: str) -> list[Path]:
+    """Spool paths of the received instances of one series (relative paths are under the spool)."""
+    paths = session.scalars(
+        select(Instance.spool_path).join(Series, Instance.series_id == Series.id).where(Series.series_uid == series_uid)
+    ).all()
+    return sorted(_spool_file(Path(p), spool_root) for p in paths)
+
+
+def _spool_file(path: Path, spool_root: Path) -> Path:
+    # Rows hold absolute paths; a relative one is tried from the working directory, then the spool.
+    if path.is_absolute() or path.exists():
+        return path
+    return spool_root / path
+
+
+def series_ref(session: Session, series_uid: str) -> SeriesRef:
+    """The pairing view of one series (its row must exist)."""
+    return SeriesRef.of(session.scalars(select(Series).where(Series.series_uid == series_uid)).one())
