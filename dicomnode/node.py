@@ -2,8 +2,10 @@
 
 Threads: pynetdicom's association threads only spool and record instances; an apscheduler
 ``BackgroundScheduler`` runs the completion check (which pairs and creates jobs) and the send
-queue; one worker thread processes jobs. All state is in the audit database, so ``start`` after
-a stop or crash resumes: receiving series keep their timers, interrupted jobs are queued again.
+queue; one worker thread processes jobs (``worker.in_serve``; more workers run as ``dicomnode
+worker`` processes and claim jobs through the same database). All state is in the audit
+database, so ``start`` after a stop or crash resumes: receiving series keep their timers,
+interrupted jobs are claimed again.
 """
 
 from __future__ import annotations
@@ -69,8 +71,13 @@ class Node:
         # Absolute, so the spool paths recorded in the audit DB do not depend on the working directory.
         self.spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
         self.sends = SendQueue(self.db, config)
-        self.worker = JobWorker(self.db, self.spool, config, process, self.sends.enqueue, on_sending=self.wake_sender,
-                                warm_up=warm_up)
+        # In-process by default: the thread shares this process's imports and the GPU context, and
+        # its processing is mostly native code that releases the GIL. None: processing is left to
+        # ``dicomnode worker`` processes.
+        self.worker: JobWorker | None = None
+        if config.worker.in_serve:
+            self.worker = JobWorker(self.db, self.spool, config, process, self.sends.enqueue,
+                                    on_sending=self.wake_sender, warm_up=warm_up)
         self.scp = StoreSCP(config, self.db, self.spool, on_instance=self._on_instance)
         self._scheduler = None
         # Completion + pairing run from the timer and from association threads; one at a time.
@@ -86,8 +93,10 @@ class Node:
         aps = logging.getLogger("apscheduler")
         if aps.level == logging.NOTSET:
             aps.setLevel(logging.WARNING)
-        self.worker.start()
-        counts = recover(self.db, self.worker)
+        counts = {"requeued": 0, "resend": 0}
+        if self.worker is not None:
+            self.worker.start()
+            counts = recover(self.db, self.worker)
         self._scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1})
         now = datetime.now(timezone.utc)
         self._scheduler.add_job(self.check_completion, "interval", seconds=self.config.completion.check_interval_s,
@@ -102,7 +111,8 @@ class Node:
         except Exception as exc:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-            self.worker.stop(timeout=5)
+            if self.worker is not None:
+                self.worker.stop(timeout=5)
             node = self.config.node
             raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         log.info("event=node_started ae_title=%s host=%s port=%d requeued=%d resent=%d", self.config.node.ae_title,
@@ -111,7 +121,8 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, finish the job in hand, stop timers, close the database."""
         self.scp.stop()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -171,9 +182,10 @@ class Node:
         return [job.id for job in jobs if job is not None]
 
     def _submit(self, job_ids: list[int]) -> None:
-        # Called after the creating transaction committed, so the worker sees the jobs.
-        for job_id in job_ids:
-            self.worker.submit(job_id)
+        # Called after the creating transaction committed, so the worker sees the jobs; workers
+        # in other processes find them at their next poll.
+        if self.worker is not None and job_ids:
+            self.worker.submit()
 
     # -- sending ----------------------------------------------------------------------------
     def wake_sender(self) -> None:

@@ -163,8 +163,9 @@ def test_recover_requeues_interrupted_jobs(db, tmp_path):
     with db.session() as s:
         transition(s, s.get(Job, job_id), JobState.processing)
     rec = Recorder()
-    worker = run_worker(db, Spool(tmp_path / "spool"), config(), rec.process(tmp_path), rec)
-    assert recover(db, worker) == {"requeued": 1, "resend": 0}
+    worker = JobWorker(db, Spool(tmp_path / "spool"), config(), rec.process(tmp_path), rec.enqueue)
+    assert recover(db, worker) == {"requeued": 1, "resend": 0}  # counted before the worker runs
+    worker.start()
     assert worker.wait_idle(30)
     worker.stop()
     assert len(rec.inputs) == 1
