@@ -258,6 +258,7 @@ class JobWorker:
                 update(Job).where(Job.id == job_id, Job.worker_id == self.id, Job.state == JobState.processing)
                 .values(lease_expires_at=datetime.now(timezone.utc) + self.lease)
             )
+            log_event(log, "lease_renewed", logging.DEBUG, job=job_id, worker=self.id, held=result.rowcount == 1)
             return result.rowcount == 1
 
     @contextmanager
