@@ -64,7 +64,6 @@ def _finite(value: float) -> bool:
         return False
 
 
-
 def default_worker_id() -> str:
     """``host:pid:random``: unique per process, and says where to look for it."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -107,7 +106,7 @@ class JobWorker:
         self._in_hand: int | None = None
 
     def start(self) -> None:
-        self._stopping.clear()
+        self._stopping = threading.Event()  # a thread left running by a timed-out stop keeps its own
         self._thread = threading.Thread(target=self.run_until, args=(self._stopping,), name="dicomnode-worker",
                                         daemon=True)
         self._thread.start()
