@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         studies = [write_synthetic_study(root / f"study{i}", modalities=("CT", "PT"), shape=shape, seed=i)
                    for i in range(args.jobs)]
         print(f"cores={os.cpu_count()} jobs={args.jobs} shape={args.shape} method={args.method}")
-        for n in (int(v) for v in args.workers.split(",")):
-            workdir = root / f"w{n}"
+        for run, n in enumerate(int(v) for v in args.workers.split(",")):
+            workdir = root / f"run{run}-w{n}"
             workdir.mkdir()
             r = run_once(n, studies, args.database_url, args.method, workdir)
             print(f"workers={r['workers']} jobs={r['jobs']} failed={r['failed']} seconds={r['seconds']:.1f} "
