@@ -266,6 +266,7 @@ class WorkerConfig(_Section):
     in_serve: bool = True
     lease_s: float = Field(60.0, gt=0, description="a claim lasts this long, renewed every lease_s/3 while processing")
     poll_s: float = Field(2.0, gt=0, description="how often an idle worker looks for jobs")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
 
 
 class SendingConfig(_Section):

@@ -28,7 +28,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Job, JobState, Metric
+from dicomnode.audit.models import Job, JobEvent, JobState, Metric
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.log import event as log_event
 from dicomnode.jobs import _quote, transition
@@ -37,6 +37,9 @@ from dicomnode.routing import NoDestination, destinations_for, rule_for
 from dicomnode.store.series import series_files, series_ref as _series_ref
 
 log = logging.getLogger(__name__)
+
+# Start of the job event written when a claim is taken over; counted to stop a job that kills workers.
+LEASE_RAN_OUT = "lease of worker"
 
 ProcessFn = Callable[[JobInputs], ProcessingOutput]
 
@@ -186,15 +189,28 @@ class JobWorker:
                                       .with_for_update(skip_locked=True)).first()
                 if job is None:
                     return None
+                if job.state is JobState.processing and self._lost_too_often(session, job):
+                    continue
                 if job.state is JobState.processing:
-                    transition(session, job, JobState.paired,
-                               f"lease of worker {job.worker_id} ran out; queued again")
+                    transition(session, job, JobState.paired, f"{LEASE_RAN_OUT} {job.worker_id} ran out; queued again")
                 job.worker_id, job.lease_expires_at = self.id, now + self.lease
                 if job.state is JobState.encoded:
                     return job.id, None
                 inputs = self._start(session, job)
                 if inputs is not None:
                     return job.id, inputs
+
+    def _lost_too_often(self, session: Session, job: Job) -> bool:
+        """Fail a job whose workers died ``worker.max_attempts`` times (a job that kills its worker)."""
+        lost = 1 + session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id == job.id, JobEvent.to_state == JobState.paired.value,
+            JobEvent.detail.like(f"{LEASE_RAN_OUT} %")))
+        if lost < self.config.worker.max_attempts:
+            return False
+        transition(session, job, JobState.failed,
+                   f"processing: {lost} workers died or stalled past worker.lease_s on this job, the last {job.worker_id}; "
+                   "not tried again (see that worker's log: out of memory?)")
+        return True
 
     def _start(self, session: Session, job: Job) -> JobInputs | None:
         """Move a claimed job to ``processing`` with its inputs; None when it failed its checks."""

@@ -21,8 +21,8 @@ def db(request, tmp_path):
         yield database
 
 
-def worker(db, tmp_path, process, rec, lease_s):
-    cfg = config(worker={"lease_s": lease_s, "poll_s": 0.1})
+def worker(db, tmp_path, process, rec, lease_s, max_attempts=3):
+    cfg = config(worker={"lease_s": lease_s, "poll_s": 0.1, "max_attempts": max_attempts})
     return JobWorker(db, Spool(tmp_path / "spool"), cfg, process, rec.enqueue)
 
 
@@ -126,3 +126,31 @@ def test_stop_gives_the_job_in_hand_back_and_drops_its_late_result(db, tmp_path)
         b.stop()
     assert job_row(db, job_id).state == JobState.sending and len(rec.sends) == 1
     assert events(db, job_id)[2] == ("processing", "paired")
+
+
+def test_a_job_whose_workers_keep_dying_fails_with_the_reason(db, tmp_path):
+    job_id = seed_pair(db, tmp_path)
+    rec = Recorder()
+    holders = []
+    for _ in range(3):  # each claims, then "dies" (never renews, never records)
+        w = worker(db, tmp_path, rec.process(tmp_path), rec, lease_s=1.0)
+        wait_for(w.claim, 30, "a worker claims the job")
+        holders.append(w.id)
+    last = worker(db, tmp_path, rec.process(tmp_path), rec, lease_s=1.0)
+    wait_for(lambda: job_row(db, job_id).state == JobState.failed or last.claim(), 30, "the job fails")
+    row = job_row(db, job_id)
+    assert row.state == JobState.failed and rec.inputs == []
+    assert row.reason.startswith("processing: 3 workers died or stalled") and holders[-1] in row.reason
+    assert [to for _, to in events(db, job_id)] == ["paired", "processing", "paired", "processing", "paired",
+                                                    "processing", "failed"]
+
+
+def test_worker_command_refuses_a_bad_config_with_the_key_path(tmp_path, capsys):
+    import argparse
+
+    from dicomnode.worker import worker_command
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[worker]\nlease_s = 0\n")
+    assert worker_command(argparse.Namespace(config=bad)) == 2
+    assert "worker.lease_s" in capsys.readouterr().err
