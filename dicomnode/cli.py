@@ -1,4 +1,4 @@
-"""Command line: serve | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
+"""Command line: serve | worker | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
 
 Each command's work lives in the module named beside it; this file only parses arguments, so
 ``dicomnode --help`` stays fast (heavy imports happen in the command that needs them).
@@ -14,6 +14,7 @@ from pathlib import Path
 # command -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
     "serve": "dicomnode.node:serve_command",
+    "worker": "dicomnode.worker:worker_command",
     "demo": "dicomnode.demo:demo_command",
     "send": "dicomnode.net.scu:send_command",
     "register": "dicomnode.imaging.commands:register_command",
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the node (SCP, completion timers, worker, sender)")
+    p.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
+
+    p = sub.add_parser("worker", help="claim and process jobs from the audit database (more workers: run more)")
     p.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
 
     p = sub.add_parser("demo", help="end-to-end demo against a local Orthanc PACS")

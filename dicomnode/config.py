@@ -282,6 +282,16 @@ class ProcessingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class WorkerConfig(_Section):
+    """Processing workers. ``serve`` runs one in-process unless ``in_serve`` is false; more run as
+    ``dicomnode worker`` (on PostgreSQL they share the job queue, also from other machines)."""
+
+    in_serve: bool = True
+    lease_s: float = Field(60.0, gt=0, description="a claim lasts this long, renewed every lease_s/3 while processing")
+    poll_s: float = Field(2.0, gt=0, description="how often an idle worker looks for jobs")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
+
+
 class SendingConfig(_Section):
     """C-STORE SCU retries: delay = min(initial_delay_s * backoff**attempt, max_delay_s)."""
 
@@ -328,6 +338,7 @@ class Config(_Section):
     fusion: FusionConfig = FusionConfig()
     quality: QualityConfig = QualityConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    worker: WorkerConfig = WorkerConfig()
     sending: SendingConfig = SendingConfig()
     retention: RetentionConfig = RetentionConfig()
     http: HttpConfig = HttpConfig()
