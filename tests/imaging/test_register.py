@@ -197,18 +197,48 @@ def test_ct_window_follows_the_soft_tissue_range():
         RegistrationConfig(ct_window_percentiles=(98.0, 2.0))
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: MI drifts ~6 mm from the scanner alignment of the real "
-                                       "STS_002 PET/CT (limb, 5.5 mm PET voxels); auto mode skips such pairs")
-def test_sts_aligned_pet_ct_stays_near_identity(sts_dir):
+@pytest.fixture(scope="module")
+def sts_pet_ct(sts_dir):
     from dicomnode.imaging.volume import load_series
 
-    ct = load_series([sts_dir / "CT" / "dicom" / "image"])
-    pet = load_series([sts_dir / "PET" / "dicom" / "image"])
-    result = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=("rigid",)))
+    ct = load_series(sorted((sts_dir / "CT" / "dicom" / "image").glob("*.dcm")))
+    pet = load_series(sorted((sts_dir / "PET" / "dicom" / "image").glob("*.dcm")))
     body = np.argwhere(sitk.GetArrayViewFromImage(ct.image)[:, ::4, ::4] > -300)[::50] * [1, 4, 4]
     points = [ct.image.TransformIndexToPhysicalPoint([int(i) for i in k[::-1]]) for k in body]
-    drift = [np.linalg.norm(np.subtract(result.transform.TransformPoint(p), p)) for p in points]
-    assert float(np.mean(drift)) < 3.0
+    return ct, pet, points
+
+
+def _mean_error(transform: sitk.Transform, truth: sitk.Transform, points) -> float:
+    return float(np.mean([np.linalg.norm(np.subtract(transform.TransformPoint(p), truth.TransformPoint(p)))
+                          for p in points]))
+
+
+@pytest.mark.parametrize("stages", [("rigid",), ("rigid", "affine", "deformable")])
+def test_sts_aligned_pet_ct_stays_near_identity(sts_pet_ct, stages):
+    # MI's optimum on this limb PET/CT (5.5 mm PET voxels) lies 5-6.5 mm from the scanner's alignment
+    # for a 5-10 % held-out gain: forced registration in one frame of reference must keep the identity.
+    ct, pet, points = sts_pet_ct
+    assert ct.frame_of_reference_uid == pet.frame_of_reference_uid
+    result = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=stages))
+    assert _mean_error(result.transform, sitk.Transform(), points) < 3.0
+    assert "same_frame_min_improvement" in result.skipped_reason and result.displacement_mm is None
+    assert result.stages and result.stages[0].iterations > 0  # it did register, then held
+    # The threshold is what holds it: without it the same run moves the PET by millimetres.
+    free = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=stages, same_frame_min_improvement=0))
+    assert free.skipped_reason is None and _mean_error(free.transform, sitk.Transform(), points) > 3.0
+
+
+def test_same_frame_registration_still_corrects_a_clear_misalignment(sts_pet_ct):
+    # The same PET moved 6-7 mm and turned 3 degrees, still in the CT's frame of reference.
+    ct, pet, points = sts_pet_ct
+    motion = sitk.Euler3DTransform(pet.image.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in pet.image.GetSize()]), 0.0, 0.0, float(np.deg2rad(3.0)), (6.0, -4.0, 3.0))
+    moved = sitk.Resample(pet.image, pet.image, motion, sitk.sitkLinear, float(pet.array.min()))
+    moved_pet = Volume(moved, "PT", pet.units, pet.study_uid, pet.series_uid, pet.frame_of_reference_uid)
+    truth = motion.GetInverse()
+    result = register_volumes(ct, moved_pet, RegistrationConfig(mode="always", stages=("rigid",)))
+    assert result.skipped_reason is None and result.stages[0].kept
+    assert _mean_error(result.transform, truth, points) < 0.8 * _mean_error(sitk.Transform(), truth, points)
 
 
 def test_skipped_registration_only_refuses_what_cannot_be_fused(tmp_path):
