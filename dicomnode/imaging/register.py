@@ -156,12 +156,19 @@ def _check_raw_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
                                  "in patient coordinates): different body region or patient?")
 
 
-def _modality(vol: Volume) -> str:
-    """The DICOM modality; for files without one, "CT" when the values look like HU (air near -1000)."""
+def modality_used(vol: Volume) -> tuple[str, str]:
+    """(modality the stages use, why): the volume's own modality, or for files without one "CT" when
+    the values look like HU (air near -1000), else "" (unknown)."""
     if vol.modality:
-        return vol.modality
+        return vol.modality, "from the series"
     sample = sitk.GetArrayViewFromImage(vol.image)[::2, ::2, ::2]
-    return "CT" if float(np.percentile(sample, 0.5)) < -500 else ""
+    if float(np.percentile(sample, 0.5)) < -500:
+        return "CT", "guessed: values look like HU (air near -1000)"
+    return "", "no modality in the file and values not CT-like"
+
+
+def _modality(vol: Volume) -> str:
+    return modality_used(vol)[0]
 
 
 def _prepare(vol: Volume, config: RegistrationConfig) -> sitk.Image:
@@ -248,11 +255,11 @@ class _Engine:
         if "deformable" not in self.cfg.stages:
             return "not configured"
         if not all(m in self.cfg.deformable_modalities for m in pair):
-            return (f"not run for {pair[1] or 'unknown'} onto {pair[0] or 'unknown'} "
-                    "(registration.deformable_modalities)")
+            return (f"{pair[1] or 'unknown'} onto {pair[0] or 'unknown'} is not a pair of "
+                    "registration.deformable_modalities")
         finest = min(self._stage_levels("deformable"))
         if finest > self.cfg.deformable_max_level_mm:
-            return f"not run: finest level {finest:g} mm is coarser than registration.deformable_max_level_mm"
+            return f"finest level {finest:g} mm is coarser than registration.deformable_max_level_mm"
         return ""
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
