@@ -24,6 +24,7 @@ from dicomnode.log import event
 log = logging.getLogger(__name__)
 
 _HELDOUT_SEED_OFFSET = 7919  # the held-out sample must not be the optimiser's sample
+_UINT32 = 2**32 - 1  # SimpleITK seeds are uint32
 
 
 class RegistrationFailed(Exception):
@@ -277,7 +278,8 @@ class _Engine:
             body = _body_mask(f)
             mask, held, count = body, None, int(sitk.GetArrayViewFromImage(body).sum())
             if heldout:
-                mask, held, count = _split_heldout(body, self.cfg.heldout_samples, self.cfg.seed + _HELDOUT_SEED_OFFSET)
+                mask, held, count = _split_heldout(body, self.cfg.heldout_samples,
+                                                   sampler_seed(self.cfg.seed, _HELDOUT_SEED_OFFSET))
             self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
@@ -337,40 +339,58 @@ class _Engine:
         assert best is not None
         return best[1], best[2]
 
-    def optimise(self, stage: str, linear: sitk.Transform | None, tx: sitk.Transform) -> int:
-        """Optimise ``tx`` in place over the stage's pyramid levels; returns total iterations."""
-        cfg, iterations = self.cfg, 0
+    def _level_method(self, stage: str, lv: _Level, seed: int, n_iter: int) -> sitk.ImageRegistrationMethod:
+        cfg = self.cfg
+        deformable = stage == "deformable"
+        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed)
+        if deformable:
+            r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
+                                   maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
+                                   costFunctionConvergenceFactor=1e7,
+                                   lowerBound=-cfg.bspline_max_displacement_mm,
+                                   upperBound=cfg.bspline_max_displacement_mm)
+        else:
+            # Scales from physical shift make a unit step ~1 mm; each step is bounded by half a level
+            # voxel (an unbounded descent once diverged on an affine stage).
+            r.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=n_iter,
+                                                        convergenceMinimumValue=1e-6, convergenceWindowSize=10,
+                                                        lineSearchUpperLimit=2.0,
+                                                        maximumStepSizeInPhysicalUnits=lv.mm / 2)
+            r.SetOptimizerScalesFromPhysicalShift()
+        return r
+
+    def optimise(self, stage: str, linear: sitk.Transform | None, tx: sitk.Transform) -> tuple[int, list[str]]:
+        """Optimise ``tx`` in place over the stage's pyramid levels; returns total iterations and notes.
+
+        A level whose optimiser stops far short of its budget without converging (L-BFGS-B's line
+        search gives up after a few iterations) is restarted once from where it stopped, with the rest
+        of the budget; the stage note says so, and says when the restart stopped early too.
+        """
+        cfg, iterations, notes = self.cfg, 0, []
+        budget = getattr(cfg, f"{stage}_iterations")
         for i, mm in enumerate(self._stage_levels(stage)):
-            lv = self.level(mm)
-            deformable = stage == "deformable"
-            samples = cfg.deformable_samples_per_level if deformable else cfg.samples_per_level
-            r = self._method(lv, samples, cfg.seed + i)
-            n_iter = getattr(cfg, f"{stage}_iterations")
-            if deformable:
-                r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
-                                       maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
-                                       costFunctionConvergenceFactor=1e7,
-                                       lowerBound=-cfg.bspline_max_displacement_mm,
-                                       upperBound=cfg.bspline_max_displacement_mm)
-            else:
-                # Scales from physical shift make a unit step ~1 mm; each step is bounded by half a level
-                # voxel (an unbounded descent once diverged on an affine stage).
-                r.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=n_iter,
-                                                            convergenceMinimumValue=1e-6, convergenceWindowSize=10,
-                                                            lineSearchUpperLimit=2.0,
-                                                            maximumStepSizeInPhysicalUnits=mm / 2)
-                r.SetOptimizerScalesFromPhysicalShift()
-            if linear is not None:
-                r.SetMovingInitialTransform(linear)
-            r.SetInitialTransform(tx, inPlace=True)
-            r.Execute(lv.fixed, lv.moving)
-            log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm,
-                      r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip())
-            iterations += r.GetOptimizerIteration()
+            lv, done = self.level(mm), 0
+            for attempt in range(2):
+                r = self._level_method(stage, lv, sampler_seed(cfg.seed, i + attempt * 101), budget - done)
+                if linear is not None:
+                    r.SetMovingInitialTransform(linear)
+                r.SetInitialTransform(tx, inPlace=True)
+                r.Execute(lv.fixed, lv.moving)
+                ran, stop = r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip()
+                done += ran
+                log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm, ran, stop)
+                if not stopped_early(done, budget, stop):
+                    if attempt:
+                        notes.append(f"restarted at {mm:g} mm after an early stop; {done} of {budget} iterations")
+                    break
+                if attempt:
+                    notes.append(f"optimiser stopped early at {mm:g} mm even after a restart: {done} of {budget} "
+                                 f"iterations ({stop.split(':')[-1].strip()})")
+            iterations += done
         # A following B-spline absorbs the affine residual: the polish is only worth its time without one.
         if stage == "affine" and cfg.affine_polish_iterations and self.deformable_skip:
             iterations += self._polish(tx, self._stage_levels(stage)[-1])
-        return iterations
+        return iterations, notes
 
     def _polish(self, tx: sitk.Transform, mm: float) -> int:
         """Powell (value-only) sweeps from the gradient optimum, on a fresh sample at the finest level.
@@ -380,7 +400,7 @@ class _Engine:
         """
         lv = self.level(mm)
         levels = len(self._stage_levels("affine"))
-        r = self._method(lv, self.cfg.samples_per_level, self.cfg.seed + levels)
+        r = self._method(lv, self.cfg.samples_per_level, sampler_seed(self.cfg.seed, levels))
         r.SetOptimizerAsPowell(numberOfIterations=self.cfg.affine_polish_iterations, maximumLineIterations=20,
                                stepLength=mm / 2, stepTolerance=0.01, valueTolerance=1e-6)
         r.SetOptimizerScalesFromPhysicalShift()
@@ -426,14 +446,15 @@ class _Engine:
                 candidate = self.bspline()
             note, iterations = "", 0
             try:
-                iterations = self.optimise(stage, linear if stage == "deformable" else None, candidate)
+                iterations, notes = self.optimise(stage, linear if stage == "deformable" else None, candidate)
+                note = "; ".join(notes)
                 full = sitk.CompositeTransform([linear, candidate]) if stage == "deformable" else candidate
                 after = self.heldout(full)
             except RuntimeError as exc:
                 after, full, note = float("inf"), None, f"optimiser error: {str(exc).strip().splitlines()[-1][:160]}"
             kept = after < current_metric - self.cfg.min_improvement * abs(current_metric)
-            if not kept and not note:
-                note = "no held-out improvement; previous transform kept"
+            if not kept and "optimiser error" not in note:
+                note = "; ".join(n for n in ("no held-out improvement; previous transform kept", note) if n)
             report = StageReport(stage, current_metric, after, kept, iterations, time.perf_counter() - t0, note,
                                  self._stage_levels(stage))
             result.stages.append(report)
@@ -453,6 +474,19 @@ class _Engine:
         if bspline is not None:
             result.displacement_mm = displacement_magnitude(bspline, self.fixed)
         return result
+
+
+def sampler_seed(seed: int, offset: int) -> int:
+    """A SimpleITK sampling seed that is never 0: 0 means "seed from the wall clock" (irreproducible)."""
+    value = (seed + offset) % _UINT32
+    return value or _UINT32
+
+
+def stopped_early(iterations: int, budget: int, stop: str) -> bool:
+    """The optimiser ended under half its iteration budget without a convergence criterion being met
+    (L-BFGS-B: "Failure" of the line search, or a function-tolerance stall of the sampled metric)."""
+    converged = any(k in stop.lower() for k in ("convergence checker passed", "gradient tolerance"))
+    return iterations < budget // 2 and not converged
 
 
 def _affine_from(tx: sitk.Transform) -> sitk.AffineTransform:
