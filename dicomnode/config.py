@@ -192,6 +192,9 @@ class RegistrationConfig(_Section):
     # Refuse (RegistrationFailed) below these: overlapping fixed-mask voxels, slices per volume.
     min_overlap_voxels: int = Field(500, ge=1)
     min_slices: int = Field(4, ge=2)
+    # Deformable Spatial Registration object: the B-spline's offsets sampled this far apart (mm, never
+    # finer than the fixed voxels); 3 mm keeps linear interpolation of a 30 mm grid well under 0.1 mm.
+    dicom_grid_mm: float = Field(3.0, gt=0)
     # Worker threads for SimpleITK; 0 = all cores.
     threads: int = Field(0, ge=0)
     # Seed of every metric sampler (any value, 0 included, gives repeatable runs). Threaded metric sums

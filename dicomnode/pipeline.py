@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Series numbers of the derived series (fixed series number is not reused: viewers sort by it).
-SERIES_NUMBERS = {"fused": 9001, "heatmap": 9002, "saliency": 9003, "displacement": 9004}
+SERIES_NUMBERS = {"fused": 9001, "heatmap": 9002, "saliency": 9003, "displacement": 9004,
+                  "registration": 9005, "deformable_registration": 9006}
 FUNCTIONAL = ("PT", "NM")
 
 
@@ -48,7 +49,7 @@ class OutputSeries:
     """One derived series written to the outbox, files in send order."""
 
     series_uid: str
-    kind: str  # "fused" | "heatmap" | "saliency" | "displacement"
+    kind: str  # "fused" | "heatmap" | "saliency" | "displacement" | "registration" | "deformable_registration"
     files: list[Path]
 
     def describe(self) -> dict[str, Any]:
@@ -199,6 +200,11 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     with watch.stage("write"):
         series = [write_series(inputs.spool, inputs.job_id, sc, "fused")]
         series += [write_series(inputs.spool, inputs.job_id, [pm], kind) for kind, pm in pms]
+    with watch.stage("registration_objects"):  # the registration itself, for planning systems and viewers
+        from dicomnode.dicomio.registration import registration_objects
+
+        series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
+            fixed, moving, reg, series_numbers=SERIES_NUMBERS, grid_mm=cfg.registration.dicom_grid_mm)]
     log.info("event=job_processed job_id=%s method=%s slices=%d outputs=%d seconds=%.2f", inputs.job_id,
              result.method, rgb.shape[0], len(series), sum(watch.seconds.values()))
     return ProcessingOutput(
