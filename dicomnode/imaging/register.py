@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicomnode.config import RegistrationConfig
+from dicomnode.imaging.prepare import body_mask, level_image, modality, modality_used, prepare, split_heldout
 from dicomnode.imaging.volume import Volume
 from dicomnode.log import event
 
@@ -94,7 +95,7 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
         return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason=skip,
                             seconds=time.perf_counter() - start)
 
-    engine = _Engine(_prepare(fixed, config), _prepare(moving, config), fixed, moving, config)
+    engine = _Engine(prepare(fixed, config), prepare(moving, config), fixed, moving, config)
     result = engine.run()
     if fixed.frame_of_reference_uid and fixed.frame_of_reference_uid == moving.frame_of_reference_uid:
         _hold_scanner_alignment(engine, result)
@@ -157,90 +158,13 @@ def _check_raw_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
                                  "in patient coordinates): different body region or patient?")
 
 
-def modality_used(vol: Volume) -> tuple[str, str]:
-    """(modality the stages use, why): the volume's own modality, or for files without one "CT" when
-    the values look like HU (air near -1000), else "" (unknown)."""
-    if vol.modality:
-        return vol.modality, "from the series"
-    sample = sitk.GetArrayViewFromImage(vol.image)[::2, ::2, ::2]
-    if float(np.percentile(sample, 0.5)) < -500:
-        return "CT", "guessed: values look like HU (air near -1000)"
-    return "", "no modality in the file and values not CT-like"
-
-
-def _modality(vol: Volume) -> str:
-    return modality_used(vol)[0]
-
-
-def _prepare(vol: Volume, config: RegistrationConfig) -> sitk.Image:
-    """Float32 image with intensities clamped for mutual information (CT: adaptive soft-tissue window)."""
-    img = sitk.Cast(vol.image, sitk.sitkFloat32)
-    sample = sitk.GetArrayViewFromImage(img)[::2, ::2, ::2]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    if _modality(vol) == "CT":
-        lo, hi = _ct_window(sample, config)
-    return sitk.Clamp(img, sitk.sitkFloat32, float(lo), float(max(hi, lo + 1e-3)))
-
-
-def _ct_window(sample: np.ndarray, config: RegistrationConfig) -> tuple[float, float]:
-    """HU window: percentiles of the voxels inside ``ct_window_hu``, so the histogram bins span the tissue.
-
-    A head's soft tissue spans ~100 HU, a limb's or trunk's (fat to muscle) ~300 HU: with one fixed
-    window the brain's grey and white matter share one or two bins and MI prefers wrong warps.
-    """
-    lo, hi = config.ct_window_hu
-    soft = sample[(sample > lo) & (sample < hi)]
-    if soft.size < 1000:
-        return lo, hi
-    p_lo, p_hi = np.percentile(soft, config.ct_window_percentiles)
-    return float(p_lo), float(max(p_hi, p_lo + 20.0))
-
-
-def _level_image(img: sitk.Image, mm: float) -> sitk.Image:
-    spacing = np.array(img.GetSpacing())
-    target = np.maximum(spacing, mm)
-    if np.allclose(target, spacing):
-        return img
-    # Half the new voxel size on every axis (already coarse axes get mild, harmless smoothing).
-    smooth = sitk.SmoothingRecursiveGaussian(img, (0.5 * target).tolist())
-    size = [max(2, int(np.ceil(n * s / t))) for n, s, t in zip(img.GetSize(), spacing, target)]
-    return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), target.tolist(),
-                         img.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def _split_heldout(mask: sitk.Image, samples: int, seed: int) -> tuple[sitk.Image, sitk.Image, int]:
-    """(training mask, held-out mask, training voxels): ``samples`` random voxels of ``mask`` (at most
-    half) set aside, so the stage checks score voxels the optimiser never sampled."""
-    arr = sitk.GetArrayFromImage(mask).astype(bool)
-    inside = np.flatnonzero(arr)
-    held = np.zeros(arr.size, dtype=bool)
-    held[np.random.default_rng(seed).choice(inside, size=min(samples, inside.size // 2), replace=False)] = True
-    held = held.reshape(arr.shape)
-
-    def image(a: np.ndarray) -> sitk.Image:
-        img = sitk.GetImageFromArray(a.astype(np.uint8))
-        img.CopyInformation(mask)
-        return img
-
-    train = arr & ~held
-    return image(train), image(held), int(train.sum())
-
-
-def _body_mask(img: sitk.Image) -> sitk.Image:
-    """Voxels clearly above background, dilated so the body outline (an MI edge) is sampled."""
-    arr = sitk.GetArrayViewFromImage(img)
-    lo, hi = np.percentile(arr, [1, 99])
-    mask = sitk.BinaryThreshold(img, float(lo + 0.1 * (hi - lo)), 1e30, 1, 0)
-    return sitk.BinaryDilate(mask, [2, 2, 2])
-
-
 class _Engine:
     """One registration run: pyramid cache, stage chain, held-out checks."""
 
     def __init__(self, fixed: sitk.Image, moving: sitk.Image, fixed_vol: Volume, moving_vol: Volume,
                  config: RegistrationConfig):
         self.fixed, self.moving, self.cfg = fixed, moving, config
-        self.fixed_modality, self.moving_modality = _modality(fixed_vol), _modality(moving_vol)
+        self.fixed_modality, self.moving_modality = modality(fixed_vol), modality(moving_vol)
         self.same_frame = bool(fixed_vol.frame_of_reference_uid) and \
             fixed_vol.frame_of_reference_uid == moving_vol.frame_of_reference_uid
         # No level finer than the moving voxels (geometric mean): PET at 1 mm is wasted work.
@@ -274,13 +198,13 @@ class _Engine:
 
     def level(self, mm: float, heldout: bool = False) -> _Level:
         if mm not in self._levels:
-            f = _level_image(self.fixed, mm)
-            body = _body_mask(f)
+            f = level_image(self.fixed, mm)
+            body = body_mask(f)
             mask, held, count = body, None, int(sitk.GetArrayViewFromImage(body).sum())
             if heldout:
-                mask, held, count = _split_heldout(body, self.cfg.heldout_samples,
+                mask, held, count = split_heldout(body, self.cfg.heldout_samples,
                                                    sampler_seed(self.cfg.seed, _HELDOUT_SEED_OFFSET))
-            self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count, body, held)
+            self._levels[mm] = _Level(mm, f, level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
     def _metric(self, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
@@ -500,7 +424,7 @@ def _affine_from(tx: sitk.Transform) -> sitk.AffineTransform:
 
 def displacement_magnitude(deformation: sitk.Transform, reference: sitk.Image, grid_mm: float = 4.0) -> sitk.Image:
     """|T(x) - x| in mm on ``reference``'s grid, float32 (computed on a coarse grid, then interpolated)."""
-    coarse = _level_image(reference, grid_mm)
+    coarse = level_image(reference, grid_mm)
     field_img = sitk.TransformToDisplacementField(deformation, sitk.sitkVectorFloat64, coarse.GetSize(),
                                                   coarse.GetOrigin(), coarse.GetSpacing(), coarse.GetDirection())
     magnitude = sitk.VectorMagnitude(field_img)

@@ -180,18 +180,18 @@ def test_affine_polish_only_without_a_following_deformable_stage(pet_case):
 
 
 def test_ct_window_follows_the_soft_tissue_range():
-    from dicomnode.imaging.register import _ct_window
+    from dicomnode.imaging.prepare import ct_window
 
     rng = np.random.default_rng(0)
     air, bone = np.full(20000, -1000.0), np.full(5000, 1200.0)
     head = np.concatenate([air, bone, rng.normal(35, 8, 20000)])  # brain: ~100 HU of soft tissue
     limb = np.concatenate([air, bone, rng.normal(-100, 15, 10000), rng.normal(50, 10, 10000)])  # fat + muscle
     cfg = RegistrationConfig()
-    h_lo, h_hi = _ct_window(head, cfg)
-    l_lo, l_hi = _ct_window(limb, cfg)
+    h_lo, h_hi = ct_window(head, cfg)
+    l_lo, l_hi = ct_window(limb, cfg)
     assert 0 < h_hi - h_lo < 60 and h_lo < 35 < h_hi  # brain spread over the bins, not 1-2 of them
     assert l_lo < -100 and l_hi > 50  # fat and muscle both inside
-    assert _ct_window(head, RegistrationConfig(ct_window_percentiles=(0.0, 100.0))) == pytest.approx(
+    assert ct_window(head, RegistrationConfig(ct_window_percentiles=(0.0, 100.0))) == pytest.approx(
         (head[(head > -160) & (head < 240)].min(), head[(head > -160) & (head < 240)].max()))
     with pytest.raises(ValueError):
         RegistrationConfig(ct_window_percentiles=(98.0, 2.0))
@@ -275,16 +275,16 @@ def test_deformable_skipped_on_coarse_images(phantom):
 
 
 def test_heldout_voxels_are_never_sampled_by_the_optimiser():
-    from dicomnode.imaging.register import _split_heldout
+    from dicomnode.imaging.prepare import split_heldout
 
     body = sitk.Image([20, 20, 10], sitk.sitkUInt8)
     body[2:18, 2:18, 1:9] = 1  # 16 x 16 x 8 = 2048 body voxels
-    train, held, count = _split_heldout(body, 500, seed=3)
+    train, held, count = split_heldout(body, 500, seed=3)
     t, h, b = (sitk.GetArrayFromImage(m).astype(bool) for m in (train, held, body))
     assert h.sum() == 500 and count == t.sum() == 2048 - 500
     assert not (t & h).any() and ((t | h) == b).all()
     # Never more than half the body: the optimiser keeps most of its samples.
-    assert sitk.GetArrayFromImage(_split_heldout(body, 10**6, seed=3)[1]).sum() == 1024
+    assert sitk.GetArrayFromImage(split_heldout(body, 10**6, seed=3)[1]).sum() == 1024
 
 
 def test_seed_zero_still_gives_repeatable_runs(pet_case):
