@@ -32,7 +32,9 @@ def _stage_line(stage) -> str:
         return f"not run: {stage.note}"
     levels = ", ".join(f"{mm:g}" for mm in stage.levels_mm)
     ran = f"ran at {levels} mm" if levels else "ran"
-    return f"{ran}; kept: held-out MI improved" if stage.kept else f"{ran}; {stage.note}"
+    if stage.kept:
+        return f"{ran}; kept: held-out MI improved" + (f"; {stage.note}" if stage.note else "")
+    return f"{ran}; {stage.note}"
 
 
 def _warn_unknown(result: Registration) -> None:
