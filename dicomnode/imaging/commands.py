@@ -9,7 +9,8 @@ import SimpleITK as sitk
 
 from dicomnode.cli import MODALITY_HINTS
 from dicomnode.config import ConfigError, load_config
-from dicomnode.imaging.register import Registration, RegistrationFailed, modality_used, register_volumes
+from dicomnode.imaging.prepare import modality_used
+from dicomnode.imaging.register import Registration, RegistrationFailed, register_volumes
 from dicomnode.imaging.volume import Volume, VolumeError, load_volume
 
 _STAGES = ("rigid", "affine", "deformable")

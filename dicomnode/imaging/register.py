@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicomnode.config import RegistrationConfig
-from dicomnode.imaging.prepare import body_mask, level_image, modality, modality_used, prepare, split_heldout
+from dicomnode.imaging.prepare import body_mask, level_image, modality, prepare, split_heldout
 from dicomnode.imaging.volume import Volume
 from dicomnode.log import event
 
@@ -97,7 +97,7 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
 
     engine = _Engine(prepare(fixed, config), prepare(moving, config), fixed, moving, config)
     result = engine.run()
-    if fixed.frame_of_reference_uid and fixed.frame_of_reference_uid == moving.frame_of_reference_uid:
+    if engine.same_frame:
         _hold_scanner_alignment(engine, result)
     result.seconds = time.perf_counter() - start
     log.info("event=registration_done seconds=%.1f stages=%s fallbacks=%s", result.seconds,
