@@ -11,6 +11,7 @@ from dicomnode.dicomio.validate import validate_file
 from dicomnode.routing import SeriesRef
 from dicomnode.store.spool import Spool
 from tests.conftest import require_tool
+from tests.e2e.dcmtk_peers import StoreSCPPeer
 
 
 def _ref(ds) -> SeriesRef:
@@ -58,3 +59,12 @@ def test_registered_job_writes_spatial_registration_objects(tmp_path):
         assert {s.SeriesInstanceUID for s in ds.ReferencedSeriesSequence} == {ct.SeriesInstanceUID,
                                                                              mr.SeriesInstanceUID}
         assert validate_file(path).errors == []
+    # A real peer (DCMTK storescp) accepts them through the node's own SCU.
+    from dicomnode.config import Destination
+    from dicomnode.net.scu import send_files
+
+    files = [f for kind in expected for f in kinds[kind].files]
+    with StoreSCPPeer(require_tool("storescp"), tmp_path / "peer") as peer:
+        send_files(Destination(name="peer", ae_title=peer.ae_title, host="127.0.0.1", port=peer.port), files,
+                   calling_ae="DICOMNODE", timeout_s=30)
+        assert sorted(peer.received_uids()) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
