@@ -26,6 +26,8 @@ COMMANDS = {
     "resend": "dicomnode.jobs:resend_command",
     "check-config": "dicomnode.node:check_config_command",
 }
+# DICOM codes that `register --fixed-modality / --moving-modality` accept.
+MODALITY_HINTS = ("CT", "MR", "PT", "NM")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="transform file (.h5 / .tfm)")
     p.add_argument("--stages", default="rigid,affine,deformable")
     p.add_argument("--config", type=Path)
+    for role in ("fixed", "moving"):  # files without DICOM headers say nothing of their modality
+        p.add_argument(f"--{role}-modality", choices=MODALITY_HINTS,
+                       help=f"DICOM modality of the {role} image (overrides the series' own)")
 
     p = sub.add_parser("fuse", help="fuse two registered 2-D images, or a folder of pairs")
     p.add_argument("inputs", nargs="*", type=Path, help="A B OUT")

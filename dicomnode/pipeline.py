@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # Series numbers of the derived series: 9000 + 10 * job id + the kind's offset, so two jobs of one
 # study (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
 SERIES_NUMBER_BASE = 9000
-SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
+SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4, "registration": 5,
+                  "deformable_registration": 6}
 FUNCTIONAL = ("PT", "NM")
 CHROMA = "chroma"  # fusion.api.CHROMA, named here without importing torch at node start
 
@@ -51,7 +52,7 @@ class OutputSeries:
     """One derived series written to the outbox, files in send order."""
 
     series_uid: str
-    kind: str  # "fused" | "heatmap" | "saliency" | "displacement"
+    kind: str  # "fused" | "heatmap" | "saliency" | "displacement" | "registration" | "deformable_registration"
     files: list[Path]
 
     def describe(self) -> dict[str, Any]:
@@ -272,6 +273,12 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     with watch.stage("write"):
         series = [write_series(inputs.spool, inputs.job_id, sc, "fused")]
         series += [write_series(inputs.spool, inputs.job_id, [pm], kind) for kind, pm in pms]
+    with watch.stage("registration_objects"):  # the registration itself, for planning systems and viewers
+        from dicomnode.dicomio.registration import registration_objects
+
+        series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
+            fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm,
+            series_numbers={k: series_number(inputs.job_id, k) for k in ("registration", "deformable_registration")})]
     log.info("event=job_processed job_id=%s method=%s slices=%d outputs=%d seconds=%.2f", inputs.job_id,
              result.method, rgb.shape[0], len(series), sum(watch.seconds.values()))
     return ProcessingOutput(

@@ -17,7 +17,7 @@ from dicomnode.config import PairingRule, load_config
 from dicomnode.dicomio.parametric_map import decode_parametric_map
 from dicomnode.dicomio.validate import find_dciodvfy, validate_file
 from dicomnode.imaging.volume import load_series
-from dicomnode.pipeline import SERIES_NUMBERS, JobInputs, process_job
+from dicomnode.pipeline import JobInputs, process_job, series_number
 from dicomnode.routing import SeriesRef
 from dicomnode.store.spool import Spool
 from dicomnode.testing.deform import score
@@ -63,7 +63,7 @@ def check_on_fixed_grid(out, fixed_files) -> None:
     for src, made in zip(fixed, outputs):
         assert np.allclose([float(v) for v in made.ImagePositionPatient], [float(v) for v in src.ImagePositionPatient],
                            atol=1e-3)
-        assert made.FrameOfReferenceUID == src.FrameOfReferenceUID and made.SeriesNumber == SERIES_NUMBERS["fused"]
+        assert made.FrameOfReferenceUID == src.FrameOfReferenceUID and made.SeriesNumber == series_number(7, "fused")
 
 
 def test_mr_onto_ct_registers_within_2_mm_and_writes_the_displacement_map(tmp_path, case, registrations):
@@ -84,12 +84,13 @@ def test_mr_onto_ct_registers_within_2_mm_and_writes_the_displacement_map(tmp_pa
     assert after.mean_mm < 2.0 and after.p95_mm < 4.5 and after.dice > before.dice, (before, after)
 
     kinds = [s.kind for s in out.series]
-    assert kinds == ["fused", "heatmap", "saliency", "displacement"]
+    # The registration itself goes out too: the matrix, and the deformation grid of the kept B-spline.
+    assert kinds == ["fused", "heatmap", "saliency", "displacement", "registration", "deformable_registration"]
     check_on_fixed_grid(out, files["CT"])
     # The displacement map holds the deformable stage's |displacement| in mm on the fixed slices.
     (displacement,) = [s for s in out.series if s.kind == "displacement"]
     pm = pydicom.dcmread(displacement.files[0])
-    assert pm.ContentLabel == "DISPLACEMENT" and pm.SeriesNumber == SERIES_NUMBERS["displacement"]
+    assert pm.ContentLabel == "DISPLACEMENT" and pm.SeriesNumber == series_number(7, "displacement")
     values, positions = decode_parametric_map(pm)
     expected = sitk.GetArrayFromImage(reg.displacement_mm)
     order = np.argsort(positions[:, 2])
