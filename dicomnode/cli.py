@@ -1,4 +1,4 @@
-"""Command line: serve | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
+"""Command line: serve | worker | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
 
 Each command's work lives in the module named beside it; this file only parses arguments, so
 ``dicomnode --help`` stays fast (heavy imports happen in the command that needs them).
@@ -11,9 +11,12 @@ import importlib
 import sys
 from pathlib import Path
 
+from dicomnode.domain import MODALITIES
+
 # command -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
     "serve": "dicomnode.node:serve_command",
+    "worker": "dicomnode.worker:worker_command",
     "demo": "dicomnode.demo:demo_command",
     "send": "dicomnode.net.scu:send_command",
     "register": "dicomnode.imaging.commands:register_command",
@@ -34,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the node (SCP, completion timers, worker, sender)")
     p.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
 
+    p = sub.add_parser("worker", help="claim and process jobs from the audit database (more workers: run more)")
+    p.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
+
     p = sub.add_parser("demo", help="end-to-end demo against a local Orthanc PACS")
     p.add_argument("--workdir", type=Path, default=Path("var"), help="where the demo writes (default ./var)")
     p.add_argument("--synthetic", action="store_true", help="use a generated study even if shared data exists")
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="transform file (.h5 / .tfm)")
     p.add_argument("--stages", default="rigid,affine,deformable")
     p.add_argument("--config", type=Path)
+    for role in ("fixed", "moving"):  # files without DICOM headers say nothing of their modality
+        p.add_argument(f"--{role}-modality", choices=MODALITIES,
+                       help=f"DICOM modality of the {role} image (overrides the series' own)")
 
     p = sub.add_parser("fuse", help="fuse two registered 2-D images, or a folder of pairs")
     p.add_argument("inputs", nargs="*", type=Path, help="A B OUT")

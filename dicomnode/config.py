@@ -194,11 +194,22 @@ class RegistrationConfig(_Section):
     # Held-out check: samples, and the least relative metric gain for a stage to be kept.
     heldout_samples: int = Field(40000, ge=1000)
     min_improvement: float = Field(0.0, ge=0.0)
+    # Series sharing a FrameOfReferenceUID registered anyway (mode "always"): the result replaces the
+    # scanner's identity (then also the rigid stage's start) only when it lowers held-out MI by more
+    # than this fraction of the identity's value. Real STS_002 PET/CT: aligned, 5-10 % for a 5-6.5 mm
+    # drift (held); moved 10 mm, 16-19 % (held); moved 7 mm + 3 deg, over 20 % (registered).
+    same_frame_min_improvement: float = Field(0.2, ge=0.0)
     # Refuse (RegistrationFailed) below these: overlapping fixed-mask voxels, slices per volume.
     min_overlap_voxels: int = Field(500, ge=1)
     min_slices: int = Field(4, ge=2)
+    # Deformable Spatial Registration object: the B-spline's offsets sampled this far apart (mm, never
+    # finer than the fixed voxels); 3 mm keeps linear interpolation of a 30 mm grid well under 0.1 mm.
+    dicom_grid_mm: float = Field(3.0, gt=0)
     # Worker threads for SimpleITK; 0 = all cores.
     threads: int = Field(0, ge=0)
+    # Seed of every metric sampler (any value, 0 included: never SimpleITK's wall clock). Metric sums
+    # still differ in the last digits between processes (~1e-11 in MI), even with threads = 1; two runs
+    # of a benchmark case ended within 0.09 mm (docs/benchmarks.md).
     seed: int = 1
 
     @field_validator("ct_window_hu", "ct_window_percentiles")
@@ -282,6 +293,16 @@ class ProcessingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class WorkerConfig(_Section):
+    """Processing workers. ``serve`` runs one in-process unless ``in_serve`` is false; more run as
+    ``dicomnode worker`` (on PostgreSQL they share the job queue, also from other machines)."""
+
+    in_serve: bool = True
+    lease_s: float = Field(60.0, gt=0, description="a claim lasts this long, renewed every lease_s/3 while processing")
+    poll_s: float = Field(2.0, gt=0, description="how often an idle worker looks for jobs")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
+
+
 class SendingConfig(_Section):
     """C-STORE SCU retries: delay = min(initial_delay_s * backoff**attempt, max_delay_s)."""
 
@@ -328,6 +349,7 @@ class Config(_Section):
     fusion: FusionConfig = FusionConfig()
     quality: QualityConfig = QualityConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    worker: WorkerConfig = WorkerConfig()
     sending: SendingConfig = SendingConfig()
     retention: RetentionConfig = RetentionConfig()
     http: HttpConfig = HttpConfig()

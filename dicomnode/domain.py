@@ -24,7 +24,8 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # Derived series are numbered 9000 + 10 * job id + the kind's offset, so two jobs of one study
 # (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
 SERIES_NUMBER_BASE = 9000
-SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4}
+SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4, "registration": 5,
+                  "deformable_registration": 6}
 
 
 def is_functional(modality: str) -> bool:

@@ -2,8 +2,10 @@
 
 Threads: pynetdicom's association threads only spool and record instances; an apscheduler
 ``BackgroundScheduler`` runs the completion check (which pairs and creates jobs) and the send
-queue; one worker thread processes jobs. All state is in the audit database, so ``start`` after
-a stop or crash resumes: receiving series keep their timers, interrupted jobs are queued again.
+queue; one worker thread processes jobs (``worker.in_serve``; more workers run as ``dicomnode
+worker`` processes and claim jobs through the same database). All state is in the audit
+database, so ``start`` after a stop or crash resumes: receiving series keep their timers,
+interrupted jobs are claimed again.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import SeriesState
 from dicomnode.audit.retention import mark_purged_instances, purge_audit
 from dicomnode.config import Config, ConfigError, load_config
-from dicomnode.jobs import JobWorker, ProcessFn, create_job, recover, settle_sending_jobs
+from dicomnode.jobs import create_job, settle_sending_jobs
 from dicomnode.routing import find_pairings, record_refusal
 from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
 from dicomnode.store.spool import Spool
+from dicomnode.worker import JobWorker, ProcessFn, recover
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,13 @@ class Node:
         # Absolute, so the spool paths recorded in the audit DB do not depend on the working directory.
         self.spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
         self.sends = SendQueue(self.db, config)
-        self.worker = JobWorker(self.db, self.spool, config, process, self.sends.enqueue, on_sending=self.wake_sender,
-                                warm_up=warm_up)
+        # In-process by default: the thread shares this process's imports and the GPU context, and
+        # its processing is mostly native code that releases the GIL. None: processing is left to
+        # ``dicomnode worker`` processes.
+        self.worker: JobWorker | None = None
+        if config.worker.in_serve:
+            self.worker = JobWorker(self.db, self.spool, config, process, self.sends.enqueue,
+                                    on_sending=self.wake_sender, warm_up=warm_up)
         self.scp = StoreSCP(config, self.db, self.spool, on_instance=self._on_instance)
         self._scheduler = None
         self.monitor = MonitoringServer(self) if config.http.enabled else None
@@ -91,8 +99,10 @@ class Node:
             aps.setLevel(logging.WARNING)
         self._up_since = datetime.now(timezone.utc)
         self.clean_leftovers()
-        self.worker.start()
-        counts = recover(self.db, self.worker)
+        counts = {"requeued": 0, "resend": 0}
+        if self.worker is not None:
+            self.worker.start()
+            counts = recover(self.db, self.worker)
         self._scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1})
         now = datetime.now(timezone.utc)
         self._scheduler.add_job(self.check_completion, "interval", seconds=self.config.completion.check_interval_s,
@@ -107,7 +117,8 @@ class Node:
         except Exception as exc:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-            self.worker.stop(timeout=5)
+            if self.worker is not None:
+                self.worker.stop(timeout=5)
             node = self.config.node
             raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         if self.monitor is not None:
@@ -120,15 +131,21 @@ class Node:
                  self.config.node.host, self.config.node.port, counts["requeued"], counts["resend"])
 
     def clean_leftovers(self) -> None:
-        """Before anything writes: drop temporary files and the outbox of jobs that will run again."""
-        from sqlalchemy import select
+        """Before anything writes: drop temporary files and the outbox of jobs that will run again.
+
+        Worker processes elsewhere may share the spool: a job they hold under a live lease keeps its
+        outbox, and only temporary files older than one lease are taken as leftovers.
+        """
+        from sqlalchemy import or_, select
 
         from dicomnode.audit.models import Job, JobState
 
         wanted = (JobState.encoded, JobState.sending, JobState.done, JobState.failed)
+        now = datetime.now(timezone.utc)
         with self.db.session() as session:
-            keep = set(session.scalars(select(Job.id).where(Job.state.in_(wanted))).all())
-        report = self.spool.clean_leftovers(keep)
+            keep = set(session.scalars(select(Job.id).where(or_(
+                Job.state.in_(wanted), (Job.state == JobState.processing) & (Job.lease_expires_at > now)))).all())
+        report = self.spool.clean_leftovers(keep, tmp_older_than_s=self.config.worker.lease_s)
         log.info("event=spool_leftovers_removed tmp_files=%d outbox_files=%d", report.tmp_files, report.outbox_files)
 
     def stop(self) -> None:
@@ -136,7 +153,8 @@ class Node:
         if self.monitor is not None:
             self.monitor.stop()
         self.scp.stop()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -195,9 +213,10 @@ class Node:
         return [job.id for job in jobs if job is not None]
 
     def _submit(self, job_ids: list[int]) -> None:
-        # Called after the creating transaction committed, so the worker sees the jobs.
-        for job_id in job_ids:
-            self.worker.submit(job_id)
+        # Called after the creating transaction committed, so the worker sees the jobs; workers
+        # in other processes find them at their next poll.
+        if self.worker is not None and job_ids:
+            self.worker.submit()
 
     # -- sending ----------------------------------------------------------------------------
     def wake_sender(self) -> None:

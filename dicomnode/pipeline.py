@@ -47,7 +47,7 @@ class OutputSeries:
     """One derived series written to the outbox, files in send order."""
 
     series_uid: str
-    kind: str  # "fused" | "heatmap" | "saliency" | "displacement"
+    kind: str  # "fused" | "heatmap" | "saliency" | "displacement" | "registration" | "deformable_registration"
     files: list[Path]
 
     def describe(self) -> dict[str, Any]:
@@ -260,6 +260,12 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     with watch.stage("write"):
         series = [write_series(inputs.spool, inputs.job_id, sc, "fused")]
         series += [write_series(inputs.spool, inputs.job_id, [pm], kind) for kind, pm in pms]
+    with watch.stage("registration_objects"):  # the registration itself, for planning systems and viewers
+        from dicomnode.dicomio.registration import registration_objects
+
+        series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
+            fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm,
+            series_numbers={k: series_number(inputs.job_id, k) for k in ("registration", "deformable_registration")})]
     log.info("event=job_processed job_id=%s method=%s slices=%d outputs=%d seconds=%.2f", inputs.job_id,
              result.method, rgb.shape[0], len(series), sum(watch.seconds.values()))
     return ProcessingOutput(

@@ -21,7 +21,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from dicomnode.audit.models import Instance, Rejection, Series, SeriesState
-from dicomnode.config import PairingRule
+from dicomnode.config import Config, PairingRule
 from dicomnode.identity import normalise_name
 from dicomnode.net.validate import STORAGE_SOP_CLASSES
 
@@ -187,3 +187,27 @@ def record_refusal(session: Session, refusal: Refusal) -> bool:
         ",".join(refusal.mismatch),
     )
     return True
+
+
+class NoDestination(Exception):
+    """A job has nowhere to send its output; the message names what to configure."""
+
+
+def rule_for(config: Config, label: str) -> PairingRule:
+    for rule in config.pairing:
+        if rule.label == label:
+            return rule
+    raise LookupError(f"pairing rule {label!r} is no longer in the configuration")
+
+
+def destinations_for(config: Config, rule: PairingRule, fixed_calling_ae: str) -> tuple[str, ...]:
+    """Destination names for a job: the rule's, else the one whose AE title sent the fixed series."""
+    if rule.destinations:
+        return rule.destinations
+    dest = config.destination_for_ae(fixed_calling_ae)
+    if dest is None:
+        raise NoDestination(
+            f"no destination: rule {rule.label} names none and no [[destinations]] entry has the "
+            f"AE title {fixed_calling_ae!r} that sent the fixed series"
+        )
+    return (dest.name,)

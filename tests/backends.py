@@ -50,3 +50,27 @@ def open_test_db(backend: str, tmp_path: Path) -> Iterator[AuditDB]:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@contextmanager
+def postgres_schema_url() -> Iterator[str]:
+    """A throw-away schema on the test server as a URL whose connections use it (for other processes)."""
+    from urllib.parse import quote
+
+    admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    try:
+        with admin.begin() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # any failure means "no server here"
+        admin.dispose()
+        require(False, f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

@@ -11,10 +11,11 @@ from sqlalchemy import select
 from tests.backends import BACKENDS, open_test_db
 from dicomnode.audit.models import Instance, Job, JobEvent, JobState, Metric, Send, SendState, Series, SeriesState
 from dicomnode.config import load_config
-from dicomnode.jobs import IllegalTransition, JobWorker, create_job, recover, settle_sending_jobs, transition
+from dicomnode.jobs import IllegalTransition, create_job, settle_sending_jobs, transition
 from dicomnode.pipeline import OutputSeries, ProcessingOutput
 from dicomnode.routing import Pairing, SeriesRef
 from dicomnode.store.spool import Spool
+from dicomnode.worker import JobWorker, recover
 
 
 @pytest.fixture(params=BACKENDS)
@@ -164,8 +165,9 @@ def test_recover_requeues_interrupted_jobs(db, tmp_path):
     with db.session() as s:
         transition(s, s.get(Job, job_id), JobState.processing)
     rec = Recorder()
-    worker = run_worker(db, Spool(tmp_path / "spool"), config(), rec.process(tmp_path), rec)
-    assert recover(db, worker) == {"requeued": 1, "resend": 0}
+    worker = JobWorker(db, Spool(tmp_path / "spool"), config(), rec.process(tmp_path), rec.enqueue)
+    assert recover(db, worker) == {"requeued": 1, "resend": 0}  # counted before the worker runs
+    worker.start()
     assert worker.wait_idle(30)
     worker.stop()
     assert len(rec.inputs) == 1

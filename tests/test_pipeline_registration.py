@@ -85,7 +85,8 @@ def test_mr_onto_ct_registers_within_2_mm_and_writes_the_displacement_map(tmp_pa
     assert after.mean_mm < 2.0 and after.p95_mm < 4.5 and after.dice > before.dice, (before, after)
 
     kinds = [s.kind for s in out.series]
-    assert kinds == ["fused", "heatmap", "saliency", "displacement"]
+    # The registration itself goes out too: the matrix, and the deformation grid of the kept B-spline.
+    assert kinds == ["fused", "heatmap", "saliency", "displacement", "registration", "deformable_registration"]
     check_on_fixed_grid(out, files["CT"])
     # The displacement map holds the deformable stage's |displacement| in mm on the fixed slices.
     (displacement,) = [s for s in out.series if s.kind == "displacement"]

@@ -163,6 +163,10 @@ class Job(Base):
     registration: Mapped[dict] = mapped_column(default=dict)
     outputs: Mapped[dict] = mapped_column(default=dict)
     quality_flag: Mapped[str | None] = mapped_column(Text)
+    # The claim of a worker (``worker.py``): who holds the job and until when. Renewed while the
+    # worker processes; a job whose lease ran out is claimable again by any worker.
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
 
 

@@ -18,11 +18,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicomnode.config import RegistrationConfig
+from dicomnode.domain import FUNCTIONAL
+from dicomnode.imaging.prepare import body_mask, level_image, modality, prepare, split_heldout
 from dicomnode.imaging.volume import Volume
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
 _HELDOUT_SEED_OFFSET = 7919  # the held-out sample must not be the optimiser's sample
+_UINT32 = 2**32 - 1  # SimpleITK seeds are uint32
 
 
 class RegistrationFailed(Exception):
@@ -52,6 +56,7 @@ class Registration:
     displacement_mm: sitk.Image | None = None
     initialization: str = ""  # "identity", "geometry" or "moments" (the start the rigid stage used)
     seconds: float = 0.0  # wall time of the whole registration
+    modalities: tuple[str, str] = ("", "")  # (fixed, moving) as the stages saw them; "" = unknown
 
     @property
     def fallbacks(self) -> list[str]:
@@ -91,12 +96,31 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
         return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason=skip,
                             seconds=time.perf_counter() - start)
 
-    engine = _Engine(_prepare(fixed, config), _prepare(moving, config), fixed, moving, config)
+    engine = _Engine(prepare(fixed, config), prepare(moving, config), fixed, moving, config)
     result = engine.run()
+    if engine.same_frame:
+        _hold_scanner_alignment(engine, result)
     result.seconds = time.perf_counter() - start
     log.info("event=registration_done seconds=%.1f stages=%s fallbacks=%s", result.seconds,
              ",".join(s.name for s in result.stages if s.kept) or "none", ",".join(result.fallbacks) or "none")
     return result
+
+
+def _hold_scanner_alignment(engine: _Engine, result: Registration) -> None:
+    """Series in one frame of reference are aligned by the scanner: keep the identity unless the
+    registration gains clearly on the held-out voxels (MI's own optimum can lie mm away from the
+    truth: the aligned STS_002 PET/CT drifted 5-6.5 mm for a 5-10 % gain)."""
+    identity = engine.heldout(sitk.Euler3DTransform())
+    final = engine.heldout(result.transform)
+    gain = (identity - final) / abs(identity) if np.isfinite(final) and identity else 0.0
+    need = engine.cfg.same_frame_min_improvement
+    if gain > need:
+        return
+    result.transform = sitk.Transform(3, sitk.sitkIdentity)
+    result.displacement_mm = None
+    result.skipped_reason = (f"same FrameOfReferenceUID: held-out MI gain {100 * gain:.1f} % is not above "
+                             f"registration.same_frame_min_improvement ({100 * need:g} %); scanner alignment kept")
+    event(log, "registration_held", gain=round(gain, 4), threshold=need)
 
 
 def _check_geometry(vol: Volume, role: str, config: RegistrationConfig, registering: bool) -> None:
@@ -135,83 +159,15 @@ def _check_raw_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
                                  "in patient coordinates): different body region or patient?")
 
 
-def _modality(vol: Volume) -> str:
-    """The DICOM modality; for files without one, "CT" when the values look like HU (air near -1000)."""
-    if vol.modality:
-        return vol.modality
-    sample = sitk.GetArrayViewFromImage(vol.image)[::2, ::2, ::2]
-    return "CT" if float(np.percentile(sample, 0.5)) < -500 else ""
-
-
-def _prepare(vol: Volume, config: RegistrationConfig) -> sitk.Image:
-    """Float32 image with intensities clamped for mutual information (CT: adaptive soft-tissue window)."""
-    img = sitk.Cast(vol.image, sitk.sitkFloat32)
-    sample = sitk.GetArrayViewFromImage(img)[::2, ::2, ::2]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    if _modality(vol) == "CT":
-        lo, hi = _ct_window(sample, config)
-    return sitk.Clamp(img, sitk.sitkFloat32, float(lo), float(max(hi, lo + 1e-3)))
-
-
-def _ct_window(sample: np.ndarray, config: RegistrationConfig) -> tuple[float, float]:
-    """HU window: percentiles of the voxels inside ``ct_window_hu``, so the histogram bins span the tissue.
-
-    A head's soft tissue spans ~100 HU, a limb's or trunk's (fat to muscle) ~300 HU: with one fixed
-    window the brain's grey and white matter share one or two bins and MI prefers wrong warps.
-    """
-    lo, hi = config.ct_window_hu
-    soft = sample[(sample > lo) & (sample < hi)]
-    if soft.size < 1000:
-        return lo, hi
-    p_lo, p_hi = np.percentile(soft, config.ct_window_percentiles)
-    return float(p_lo), float(max(p_hi, p_lo + 20.0))
-
-
-def _level_image(img: sitk.Image, mm: float) -> sitk.Image:
-    spacing = np.array(img.GetSpacing())
-    target = np.maximum(spacing, mm)
-    if np.allclose(target, spacing):
-        return img
-    # Half the new voxel size on every axis (already coarse axes get mild, harmless smoothing).
-    smooth = sitk.SmoothingRecursiveGaussian(img, (0.5 * target).tolist())
-    size = [max(2, int(np.ceil(n * s / t))) for n, s, t in zip(img.GetSize(), spacing, target)]
-    return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), target.tolist(),
-                         img.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def _split_heldout(mask: sitk.Image, samples: int, seed: int) -> tuple[sitk.Image, sitk.Image, int]:
-    """(training mask, held-out mask, training voxels): ``samples`` random voxels of ``mask`` (at most
-    half) set aside, so the stage checks score voxels the optimiser never sampled."""
-    arr = sitk.GetArrayFromImage(mask).astype(bool)
-    inside = np.flatnonzero(arr)
-    held = np.zeros(arr.size, dtype=bool)
-    held[np.random.default_rng(seed).choice(inside, size=min(samples, inside.size // 2), replace=False)] = True
-    held = held.reshape(arr.shape)
-
-    def image(a: np.ndarray) -> sitk.Image:
-        img = sitk.GetImageFromArray(a.astype(np.uint8))
-        img.CopyInformation(mask)
-        return img
-
-    train = arr & ~held
-    return image(train), image(held), int(train.sum())
-
-
-def _body_mask(img: sitk.Image) -> sitk.Image:
-    """Voxels clearly above background, dilated so the body outline (an MI edge) is sampled."""
-    arr = sitk.GetArrayViewFromImage(img)
-    lo, hi = np.percentile(arr, [1, 99])
-    mask = sitk.BinaryThreshold(img, float(lo + 0.1 * (hi - lo)), 1e30, 1, 0)
-    return sitk.BinaryDilate(mask, [2, 2, 2])
-
-
 class _Engine:
     """One registration run: pyramid cache, stage chain, held-out checks."""
 
     def __init__(self, fixed: sitk.Image, moving: sitk.Image, fixed_vol: Volume, moving_vol: Volume,
                  config: RegistrationConfig):
         self.fixed, self.moving, self.cfg = fixed, moving, config
-        self.fixed_modality, self.moving_modality = _modality(fixed_vol), _modality(moving_vol)
+        self.fixed_modality, self.moving_modality = modality(fixed_vol), modality(moving_vol)
+        self.same_frame = bool(fixed_vol.frame_of_reference_uid) and \
+            fixed_vol.frame_of_reference_uid == moving_vol.frame_of_reference_uid
         # No level finer than the moving voxels (geometric mean): PET at 1 mm is wasted work.
         self.floor_mm = float(np.prod(moving.GetSpacing()) ** (1 / 3))
         self._levels: dict[float, _Level] = {}
@@ -225,11 +181,11 @@ class _Engine:
         if "deformable" not in self.cfg.stages:
             return "not configured"
         if not all(m in self.cfg.deformable_modalities for m in pair):
-            return (f"not run for {pair[1] or 'unknown'} onto {pair[0] or 'unknown'} "
-                    "(registration.deformable_modalities)")
+            return (f"{pair[1] or 'unknown'} onto {pair[0] or 'unknown'} is not a pair of "
+                    "registration.deformable_modalities")
         finest = min(self._stage_levels("deformable"))
         if finest > self.cfg.deformable_max_level_mm:
-            return f"not run: finest level {finest:g} mm is coarser than registration.deformable_max_level_mm"
+            return f"finest level {finest:g} mm is coarser than registration.deformable_max_level_mm"
         return ""
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
@@ -243,12 +199,13 @@ class _Engine:
 
     def level(self, mm: float, heldout: bool = False) -> _Level:
         if mm not in self._levels:
-            f = _level_image(self.fixed, mm)
-            body = _body_mask(f)
+            f = level_image(self.fixed, mm)
+            body = body_mask(f)
             mask, held, count = body, None, int(sitk.GetArrayViewFromImage(body).sum())
             if heldout:
-                mask, held, count = _split_heldout(body, self.cfg.heldout_samples, self.cfg.seed + _HELDOUT_SEED_OFFSET)
-            self._levels[mm] = _Level(mm, f, _level_image(self.moving, mm), mask, count, body, held)
+                mask, held, count = split_heldout(body, self.cfg.heldout_samples,
+                                                   sampler_seed(self.cfg.seed, _HELDOUT_SEED_OFFSET))
+            self._levels[mm] = _Level(mm, f, level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
     def _metric(self, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
@@ -290,6 +247,8 @@ class _Engine:
     def initial(self) -> tuple[str, sitk.Euler3DTransform]:
         lv = self.level(self._stage_levels("rigid")[0] if "rigid" in self.cfg.stages else self.eval_level.mm)
         names = ("identity", "geometry", "moments") if self.cfg.initialization == "auto" else (self.cfg.initialization,)
+        if self.same_frame:  # the scanner's alignment is the start
+            names = ("identity",)
         best: tuple[float, str, sitk.Euler3DTransform] | None = None
         for name in names:
             tx = sitk.Euler3DTransform()
@@ -305,40 +264,58 @@ class _Engine:
         assert best is not None
         return best[1], best[2]
 
-    def optimise(self, stage: str, linear: sitk.Transform | None, tx: sitk.Transform) -> int:
-        """Optimise ``tx`` in place over the stage's pyramid levels; returns total iterations."""
-        cfg, iterations = self.cfg, 0
+    def _level_method(self, stage: str, lv: _Level, seed: int, n_iter: int) -> sitk.ImageRegistrationMethod:
+        cfg = self.cfg
+        deformable = stage == "deformable"
+        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed)
+        if deformable:
+            r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
+                                   maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
+                                   costFunctionConvergenceFactor=1e7,
+                                   lowerBound=-cfg.bspline_max_displacement_mm,
+                                   upperBound=cfg.bspline_max_displacement_mm)
+        else:
+            # Scales from physical shift make a unit step ~1 mm; each step is bounded by half a level
+            # voxel (an unbounded descent once diverged on an affine stage).
+            r.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=n_iter,
+                                                        convergenceMinimumValue=1e-6, convergenceWindowSize=10,
+                                                        lineSearchUpperLimit=2.0,
+                                                        maximumStepSizeInPhysicalUnits=lv.mm / 2)
+            r.SetOptimizerScalesFromPhysicalShift()
+        return r
+
+    def optimise(self, stage: str, linear: sitk.Transform | None, tx: sitk.Transform) -> tuple[int, list[str]]:
+        """Optimise ``tx`` in place over the stage's pyramid levels; returns total iterations and notes.
+
+        A level whose optimiser stops far short of its budget without converging (L-BFGS-B's line
+        search gives up after a few iterations) is restarted once from where it stopped, with the rest
+        of the budget; the stage note says so, and says when the restart stopped early too.
+        """
+        cfg, iterations, notes = self.cfg, 0, []
+        budget = getattr(cfg, f"{stage}_iterations")
         for i, mm in enumerate(self._stage_levels(stage)):
-            lv = self.level(mm)
-            deformable = stage == "deformable"
-            samples = cfg.deformable_samples_per_level if deformable else cfg.samples_per_level
-            r = self._method(lv, samples, cfg.seed + i)
-            n_iter = getattr(cfg, f"{stage}_iterations")
-            if deformable:
-                r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
-                                       maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
-                                       costFunctionConvergenceFactor=1e7,
-                                       lowerBound=-cfg.bspline_max_displacement_mm,
-                                       upperBound=cfg.bspline_max_displacement_mm)
-            else:
-                # Scales from physical shift make a unit step ~1 mm; each step is bounded by half a level
-                # voxel (an unbounded descent once diverged on an affine stage).
-                r.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=n_iter,
-                                                            convergenceMinimumValue=1e-6, convergenceWindowSize=10,
-                                                            lineSearchUpperLimit=2.0,
-                                                            maximumStepSizeInPhysicalUnits=mm / 2)
-                r.SetOptimizerScalesFromPhysicalShift()
-            if linear is not None:
-                r.SetMovingInitialTransform(linear)
-            r.SetInitialTransform(tx, inPlace=True)
-            r.Execute(lv.fixed, lv.moving)
-            log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm,
-                      r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip())
-            iterations += r.GetOptimizerIteration()
+            lv, done = self.level(mm), 0
+            for attempt in range(2):
+                r = self._level_method(stage, lv, sampler_seed(cfg.seed, i + attempt * 101), budget - done)
+                if linear is not None:
+                    r.SetMovingInitialTransform(linear)
+                r.SetInitialTransform(tx, inPlace=True)
+                r.Execute(lv.fixed, lv.moving)
+                ran, stop = r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip()
+                done += ran
+                log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm, ran, stop)
+                if not stopped_early(done, budget, stop):
+                    if attempt:
+                        notes.append(f"restarted at {mm:g} mm after an early stop; {done} of {budget} iterations")
+                    break
+                if attempt:
+                    notes.append(f"optimiser stopped early at {mm:g} mm even after a restart: {done} of {budget} "
+                                 f"iterations ({stop.split(':')[-1].strip()})")
+            iterations += done
         # A following B-spline absorbs the affine residual: the polish is only worth its time without one.
         if stage == "affine" and cfg.affine_polish_iterations and self.deformable_skip:
             iterations += self._polish(tx, self._stage_levels(stage)[-1])
-        return iterations
+        return iterations, notes
 
     def _polish(self, tx: sitk.Transform, mm: float) -> int:
         """Powell (value-only) sweeps from the gradient optimum, on a fresh sample at the finest level.
@@ -348,7 +325,7 @@ class _Engine:
         """
         lv = self.level(mm)
         levels = len(self._stage_levels("affine"))
-        r = self._method(lv, self.cfg.samples_per_level, self.cfg.seed + levels)
+        r = self._method(lv, self.cfg.samples_per_level, sampler_seed(self.cfg.seed, levels))
         r.SetOptimizerAsPowell(numberOfIterations=self.cfg.affine_polish_iterations, maximumLineIterations=20,
                                stepLength=mm / 2, stepTolerance=0.01, valueTolerance=1e-6)
         r.SetOptimizerScalesFromPhysicalShift()
@@ -364,7 +341,7 @@ class _Engine:
 
     def bspline(self) -> sitk.BSplineTransform:
         spacing_mm = self.cfg.bspline_spacing_mm
-        if self.moving_modality in ("PT", "NM"):  # noisy, blurred: a fine grid fits noise
+        if self.moving_modality in FUNCTIONAL:  # noisy, blurred: a fine grid fits noise
             spacing_mm = max(spacing_mm, 8 * max(self.moving.GetSpacing()))
         extent = [n * s for n, s in zip(self.fixed.GetSize(), self.fixed.GetSpacing())]
         mesh = [max(1, int(round(e / spacing_mm))) for e in extent]
@@ -377,7 +354,8 @@ class _Engine:
         if self.overlap_voxels(linear) < self.cfg.min_overlap_voxels:
             raise RegistrationFailed(f"too few overlapping voxels between the fixed and moving series "
                                      f"(< {self.cfg.min_overlap_voxels} at {self.eval_level.mm:g} mm)")
-        result = Registration(linear, initialization=init_name)
+        result = Registration(linear, initialization=init_name,
+                              modalities=(self.fixed_modality, self.moving_modality))
         bspline: sitk.Transform | None = None
         for stage in self.cfg.stages:
             t0 = time.perf_counter()
@@ -393,14 +371,15 @@ class _Engine:
                 candidate = self.bspline()
             note, iterations = "", 0
             try:
-                iterations = self.optimise(stage, linear if stage == "deformable" else None, candidate)
+                iterations, notes = self.optimise(stage, linear if stage == "deformable" else None, candidate)
+                note = "; ".join(notes)
                 full = sitk.CompositeTransform([linear, candidate]) if stage == "deformable" else candidate
                 after = self.heldout(full)
             except RuntimeError as exc:
                 after, full, note = float("inf"), None, f"optimiser error: {str(exc).strip().splitlines()[-1][:160]}"
             kept = after < current_metric - self.cfg.min_improvement * abs(current_metric)
-            if not kept and not note:
-                note = "no held-out improvement; previous transform kept"
+            if not kept and "optimiser error" not in note:
+                note = "; ".join(n for n in ("no held-out improvement; previous transform kept", note) if n)
             report = StageReport(stage, current_metric, after, kept, iterations, time.perf_counter() - t0, note,
                                  self._stage_levels(stage))
             result.stages.append(report)
@@ -422,6 +401,19 @@ class _Engine:
         return result
 
 
+def sampler_seed(seed: int, offset: int) -> int:
+    """A SimpleITK sampling seed that is never 0: 0 means "seed from the wall clock" (irreproducible)."""
+    value = (seed + offset) % _UINT32
+    return value or _UINT32
+
+
+def stopped_early(iterations: int, budget: int, stop: str) -> bool:
+    """The optimiser ended under half its iteration budget without a convergence criterion being met
+    (L-BFGS-B: "Failure" of the line search, or a function-tolerance stall of the sampled metric)."""
+    converged = any(k in stop.lower() for k in ("convergence checker passed", "gradient tolerance"))
+    return iterations < budget // 2 and not converged
+
+
 def _affine_from(tx: sitk.Transform) -> sitk.AffineTransform:
     """An affine transform equal to a rigid (or affine) one, same centre."""
     affine = sitk.AffineTransform(3)
@@ -433,7 +425,7 @@ def _affine_from(tx: sitk.Transform) -> sitk.AffineTransform:
 
 def displacement_magnitude(deformation: sitk.Transform, reference: sitk.Image, grid_mm: float = 4.0) -> sitk.Image:
     """|T(x) - x| in mm on ``reference``'s grid, float32 (computed on a coarse grid, then interpolated)."""
-    coarse = _level_image(reference, grid_mm)
+    coarse = level_image(reference, grid_mm)
     field_img = sitk.TransformToDisplacementField(deformation, sitk.sitkVectorFloat64, coarse.GetSize(),
                                                   coarse.GetOrigin(), coarse.GetSpacing(), coarse.GetDirection())
     magnitude = sitk.VectorMagnitude(field_img)

@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 
 from pydicom.dataset import Dataset
 
+from dicomnode.domain import FUNCTIONAL
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ def volume_units(ds: Dataset, modality: str) -> tuple[str, str, float | None]:
     """
     if modality == "CT":
         return "HU", "", None
-    if modality not in ("PT", "NM"):
+    if modality not in FUNCTIONAL:
         return "", "", None
     stored = str(ds.get("Units", "")).upper()
     if stored == "GML":

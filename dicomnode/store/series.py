@@ -1,4 +1,4 @@
-"""Series completion: when a received series counts as complete.
+"""Series completion: when a received series counts as complete; lookups of a series' rows and files.
 
 A series is complete once no instance arrived for ``completion.stable_age_s`` seconds, or at
 once when its expected instance count (e.g. NumberOfSlices of PET/NM) is known and reached.
@@ -15,12 +15,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dicomnode.audit.models import Series, SeriesState
+from dicomnode.audit.models import Instance, Series, SeriesState
 from dicomnode.config import CompletionConfig
+from dicomnode.routing import SeriesRef
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +158,38 @@ def complete_if_expected(
     if completed is not None and on_complete is not None:
         on_complete(session, completed)
     return completed
+
+
+class InputsUnusable(Exception):
+    """A job's input series cannot be used (identity conflict, files deleted by retention)."""
+
+
+def series_files(session: Session, spool_root: Path, series_uid: str) -> list[Path]:
+    """Spool paths of the received images of one series (relative paths are under the spool).
+
+    Non-image objects filed under the same series (raw data, spectroscopy) are left out. Raises
+    InputsUnusable when retention has deleted some of them: a partial series is never fused.
+    """
+    from dicomnode.net.validate import STORAGE_SOP_CLASSES
+
+    rows = session.execute(
+        select(Instance.spool_path, Instance.purged_at).join(Series, Instance.series_id == Series.id)
+        .where(Series.series_uid == series_uid, Instance.sop_class_uid.in_(list(STORAGE_SOP_CLASSES)))
+    ).all()
+    purged = [r.purged_at for r in rows if r.purged_at is not None]
+    if purged:
+        raise InputsUnusable(f"{len(purged)} of {len(rows)} instances of series {series_uid} were deleted by "
+                             f"spool retention (first on {min(purged):%Y-%m-%d}); send the series again")
+    return sorted(_spool_file(Path(r.spool_path), spool_root) for r in rows)
+
+
+def _spool_file(path: Path, spool_root: Path) -> Path:
+    # Rows hold absolute paths; a relative one is tried from the working directory, then the spool.
+    if path.is_absolute() or path.exists():
+        return path
+    return spool_root / path
+
+
+def series_ref(session: Session, series_uid: str) -> SeriesRef:
+    """The pairing view of one series (its row must exist)."""
+    return SeriesRef.of(session.scalars(select(Series).where(Series.series_uid == series_uid)).one())

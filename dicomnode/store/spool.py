@@ -229,16 +229,18 @@ class Spool:
                     continue
         return PurgeReport(files, size)
 
-    def clean_leftovers(self, keep_jobs: set[int]) -> LeftoverReport:
+    def clean_leftovers(self, keep_jobs: set[int], tmp_older_than_s: float = 0.0) -> LeftoverReport:
         """Remove what a killed process left behind; call before anything writes to the spool.
 
-        ``.tmp-`` files are writes that never reached their rename. An outbox folder whose job is
-        not in ``keep_jobs`` (the jobs whose outputs are still wanted) holds a half-written run:
-        the job is processed again from its inputs.
+        ``.tmp-`` files are writes that never reached their rename (only those older than
+        ``tmp_older_than_s``: another process may be writing a younger one). An outbox folder whose
+        job is not in ``keep_jobs`` (the jobs whose outputs are still wanted) holds a half-written
+        run: the job is processed again from its inputs.
         """
         tmp_files = 0
+        cutoff = time.time() - tmp_older_than_s
         for path in self.root.rglob(f"{_TMP_PREFIX}*"):
-            if path.is_file():
+            if path.is_file() and (tmp_older_than_s <= 0 or path.stat().st_mtime < cutoff):
                 path.unlink(missing_ok=True)
                 tmp_files += 1
         outbox_files = 0

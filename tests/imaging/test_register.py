@@ -180,35 +180,65 @@ def test_affine_polish_only_without_a_following_deformable_stage(pet_case):
 
 
 def test_ct_window_follows_the_soft_tissue_range():
-    from dicomnode.imaging.register import _ct_window
+    from dicomnode.imaging.prepare import ct_window
 
     rng = np.random.default_rng(0)
     air, bone = np.full(20000, -1000.0), np.full(5000, 1200.0)
     head = np.concatenate([air, bone, rng.normal(35, 8, 20000)])  # brain: ~100 HU of soft tissue
     limb = np.concatenate([air, bone, rng.normal(-100, 15, 10000), rng.normal(50, 10, 10000)])  # fat + muscle
     cfg = RegistrationConfig()
-    h_lo, h_hi = _ct_window(head, cfg)
-    l_lo, l_hi = _ct_window(limb, cfg)
+    h_lo, h_hi = ct_window(head, cfg)
+    l_lo, l_hi = ct_window(limb, cfg)
     assert 0 < h_hi - h_lo < 60 and h_lo < 35 < h_hi  # brain spread over the bins, not 1-2 of them
     assert l_lo < -100 and l_hi > 50  # fat and muscle both inside
-    assert _ct_window(head, RegistrationConfig(ct_window_percentiles=(0.0, 100.0))) == pytest.approx(
+    assert ct_window(head, RegistrationConfig(ct_window_percentiles=(0.0, 100.0))) == pytest.approx(
         (head[(head > -160) & (head < 240)].min(), head[(head > -160) & (head < 240)].max()))
     with pytest.raises(ValueError):
         RegistrationConfig(ct_window_percentiles=(98.0, 2.0))
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: MI drifts ~6 mm from the scanner alignment of the real "
-                                       "STS_002 PET/CT (limb, 5.5 mm PET voxels); auto mode skips such pairs")
-def test_sts_aligned_pet_ct_stays_near_identity(sts_dir):
+@pytest.fixture(scope="module")
+def sts_pet_ct(sts_dir):
     from dicomnode.imaging.volume import load_series
 
-    ct = load_series([sts_dir / "CT" / "dicom" / "image"])
-    pet = load_series([sts_dir / "PET" / "dicom" / "image"])
-    result = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=("rigid",)))
+    ct = load_series(sorted((sts_dir / "CT" / "dicom" / "image").glob("*.dcm")))
+    pet = load_series(sorted((sts_dir / "PET" / "dicom" / "image").glob("*.dcm")))
     body = np.argwhere(sitk.GetArrayViewFromImage(ct.image)[:, ::4, ::4] > -300)[::50] * [1, 4, 4]
     points = [ct.image.TransformIndexToPhysicalPoint([int(i) for i in k[::-1]]) for k in body]
-    drift = [np.linalg.norm(np.subtract(result.transform.TransformPoint(p), p)) for p in points]
-    assert float(np.mean(drift)) < 3.0
+    return ct, pet, points
+
+
+def _mean_error(transform: sitk.Transform, truth: sitk.Transform, points) -> float:
+    return float(np.mean([np.linalg.norm(np.subtract(transform.TransformPoint(p), truth.TransformPoint(p)))
+                          for p in points]))
+
+
+@pytest.mark.parametrize("stages", [("rigid",), ("rigid", "affine", "deformable")])
+def test_sts_aligned_pet_ct_stays_near_identity(sts_pet_ct, stages):
+    # MI's optimum on this limb PET/CT (5.5 mm PET voxels) lies 5-6.5 mm from the scanner's alignment
+    # for a 5-10 % held-out gain: forced registration in one frame of reference must keep the identity.
+    ct, pet, points = sts_pet_ct
+    assert ct.frame_of_reference_uid == pet.frame_of_reference_uid
+    result = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=stages))
+    assert _mean_error(result.transform, sitk.Transform(), points) < 3.0
+    assert "same_frame_min_improvement" in result.skipped_reason and result.displacement_mm is None
+    assert result.stages and result.stages[0].iterations > 0  # it did register, then held
+    # The threshold is what holds it: without it the same run moves the PET by millimetres.
+    free = register_volumes(ct, pet, RegistrationConfig(mode="always", stages=stages, same_frame_min_improvement=0))
+    assert free.skipped_reason is None and _mean_error(free.transform, sitk.Transform(), points) > 3.0
+
+
+def test_same_frame_registration_still_corrects_a_clear_misalignment(sts_pet_ct):
+    # The same PET moved 6-7 mm and turned 3 degrees, still in the CT's frame of reference.
+    ct, pet, points = sts_pet_ct
+    motion = sitk.Euler3DTransform(pet.image.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in pet.image.GetSize()]), 0.0, 0.0, float(np.deg2rad(3.0)), (6.0, -4.0, 3.0))
+    moved = sitk.Resample(pet.image, pet.image, motion, sitk.sitkLinear, float(pet.array.min()))
+    moved_pet = Volume(moved, "PT", pet.units, pet.study_uid, pet.series_uid, pet.frame_of_reference_uid)
+    truth = motion.GetInverse()
+    result = register_volumes(ct, moved_pet, RegistrationConfig(mode="always", stages=("rigid",)))
+    assert result.skipped_reason is None and result.stages[0].kept
+    assert _mean_error(result.transform, truth, points) < 0.8 * _mean_error(sitk.Transform(), truth, points)
 
 
 def test_skipped_registration_only_refuses_what_cannot_be_fused(tmp_path):
@@ -245,13 +275,36 @@ def test_deformable_skipped_on_coarse_images(phantom):
 
 
 def test_heldout_voxels_are_never_sampled_by_the_optimiser():
-    from dicomnode.imaging.register import _split_heldout
+    from dicomnode.imaging.prepare import split_heldout
 
     body = sitk.Image([20, 20, 10], sitk.sitkUInt8)
     body[2:18, 2:18, 1:9] = 1  # 16 x 16 x 8 = 2048 body voxels
-    train, held, count = _split_heldout(body, 500, seed=3)
+    train, held, count = split_heldout(body, 500, seed=3)
     t, h, b = (sitk.GetArrayFromImage(m).astype(bool) for m in (train, held, body))
     assert h.sum() == 500 and count == t.sum() == 2048 - 500
     assert not (t & h).any() and ((t | h) == b).all()
     # Never more than half the body: the optimiser keeps most of its samples.
-    assert sitk.GetArrayFromImage(_split_heldout(body, 10**6, seed=3)[1]).sum() == 1024
+    assert sitk.GetArrayFromImage(split_heldout(body, 10**6, seed=3)[1]).sum() == 1024
+
+
+def test_seed_zero_still_gives_repeatable_runs(pet_case):
+    # SimpleITK reads a sampling seed of 0 as "seed from the wall clock": runs must not depend on the time.
+    # (Threaded metric sums still differ in the last digits: ~1e-12 in MI, far below these bounds.)
+    cfg = RegistrationConfig(**FAST, stages=("rigid",), seed=0)
+    first, second = (register_volumes(pet_case.fixed, pet_case.moving, cfg) for _ in range(2))
+    assert abs(first.stages[0].metric_after - second.stages[0].metric_after) < 1e-6
+    a, b = (np.array([r.transform.TransformPoint(tuple(float(v) for v in p)) for p in pet_case.points])
+            for r in (first, second))
+    assert float(np.linalg.norm(a - b, axis=1).max()) < 0.01
+
+
+def test_early_stop_rule():
+    from dicomnode.imaging.register import sampler_seed, stopped_early
+
+    assert stopped_early(6, 24, "LBFGSBOptimizerv4: Failure")  # the line search gave up
+    assert stopped_early(3, 24, "LBFGSBOptimizerv4: Function tolerance reached")  # a stall of the sample
+    assert not stopped_early(24, 24, "LBFGSBOptimizerv4: User requested")  # the whole budget
+    assert not stopped_early(4, 24, "LBFGSBOptimizerv4: Gradient tolerance reached")  # converged
+    assert not stopped_early(12, 100, "ConjugateGradientLineSearchOptimizerv4Template: Convergence checker "
+                                      "passed at iteration 12.")
+    assert sampler_seed(0, 0) != 0 and sampler_seed(1, 0) == 1 and sampler_seed(-1, 1) != 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -23,9 +25,14 @@ def test_start_removes_temporary_files_and_stale_outbox(tmp_path, caplog):
         spool.outbox / "7" / "1.2.9" / ".tmp-cafe",
     ]
     stale = [spool.outbox / "7" / "1.2.9" / "1.dcm", spool.outbox / "7" / "1.2.9" / "2.dcm"]  # job 7 does not exist
+    an_hour_ago = time.time() - 3600
     for path in leftovers + stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    # A worker process sharing the spool may be writing right now: a young temporary file stays.
+    young = kept.parent / ".tmp-5eedf00d"
+    young.write_bytes(b"being written")
     port = free_port()
     cfg = load_config(overrides={
         "node": {"port": port},
@@ -41,7 +48,7 @@ def test_start_removes_temporary_files_and_stale_outbox(tmp_path, caplog):
         assoc.release()
     finally:
         node.stop()
-    assert kept.read_bytes() == b"instance"
+    assert kept.read_bytes() == b"instance" and young.exists()
     assert not any(p.exists() for p in leftovers + stale) and not (spool.outbox / "7").exists()
     lines = [r.getMessage() for r in caplog.records if "event=spool_leftovers_removed" in r.getMessage()]
     # The outbox .tmp- file is counted as a temporary file, the two finished ones as outbox files.
