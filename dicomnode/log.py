@@ -44,11 +44,15 @@ def format_fields(event_name: str, fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event as a single ``event=NAME key=value ...`` line (structured fields kept for JSON)."""
+def event(logger: logging.Logger, event: str, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
+    """Log one event as a single ``event=NAME key=value ...`` line (structured fields kept for JSON).
+
+    ``exc_info``: add the exception being handled (an ``exc=`` field in either format).
+    """
     if not logger.isEnabledFor(level):
         return
-    logger.log(level, format_fields(event, fields), extra={_FIELDS_ATTR: {"event": event, **fields}}, stacklevel=2)
+    logger.log(level, format_fields(event, fields), exc_info=exc_info, extra={_FIELDS_ATTR: {"event": event, **fields}},
+               stacklevel=2)
 
 
 def _timestamp(record: logging.LogRecord) -> str:

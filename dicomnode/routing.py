@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from dicomnode.audit.models import Instance, Rejection, Series, SeriesState
 from dicomnode.config import Config, PairingRule
 from dicomnode.identity import normalise_name
+from dicomnode.log import event
 from dicomnode.net.validate import STORAGE_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,8 @@ def record_refusal(session: Session, refusal: Refusal) -> bool:
         return False
     session.add(Rejection(calling_ae=refusal.moving.calling_ae, status=None, reason=refusal.reason))
     session.flush()
-    log.warning(
-        "event=pairing_refused rule=%s fixed_series=%s moving_series=%s study_uid=%s mismatch=%s",
-        refusal.rule.label, refusal.fixed.series_uid, refusal.moving.series_uid, refusal.fixed.study_uid,
-        ",".join(refusal.mismatch),
-    )
+    event(log, "pairing_refused", logging.WARNING, rule=refusal.rule.label, fixed_series=refusal.fixed.series_uid,
+          moving_series=refusal.moving.series_uid, study_uid=refusal.fixed.study_uid, mismatch=",".join(refusal.mismatch))
     return True
 
 

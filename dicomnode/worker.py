@@ -31,7 +31,7 @@ from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Metric
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.log import event as log_event
-from dicomnode.jobs import _quote, transition
+from dicomnode.jobs import transition
 from dicomnode.pipeline import JobInputs, ProcessingOutput
 from dicomnode.routing import NoDestination, destinations_for, rule_for
 from dicomnode.store.series import InputsUnusable, series_files, series_ref as _series_ref
@@ -58,7 +58,7 @@ def record_output(session: Session, job: Job, out: ProcessingOutput) -> None:
     low = [f"{k}={out.summary.get(k, float('nan')):.4g}" for k in out.quality_failures]
     job.quality_flag = ("under threshold: " + ", ".join(low)) if low else None
     if low:
-        log.warning("event=quality_flag job_id=%s below=%s", job.id, _quote(", ".join(low)))
+        log_event(log, "quality_flag", logging.WARNING, job_id=job.id, below=", ".join(low))
 
 
 def _finite(value: float) -> bool:
@@ -152,7 +152,7 @@ class JobWorker:
             try:
                 self.warm_up()
             except Exception:  # the first job will hit the same problem and fail with its reason
-                log.exception("event=worker_warm_up_failed")
+                log_event(log, "worker_warm_up_failed", logging.ERROR, exc_info=True)
         log_event(log, "worker_started", worker=self.id, lease_s=self.config.worker.lease_s)
         while not stopping.is_set():
             with self._lock:
@@ -160,7 +160,7 @@ class JobWorker:
             try:
                 ran = self.run_next()
             except Exception:  # a bug or a database outage must not kill the worker; the lease protects the job
-                log.exception("event=worker_error worker=%s", self.id)
+                log_event(log, "worker_error", logging.ERROR, exc_info=True, worker=self.id)
                 ran = False
             if ran:
                 continue
@@ -254,7 +254,7 @@ class JobWorker:
             try:
                 out = self.process(inputs)
             except Exception as exc:
-                log.warning("event=processing_error job_id=%s error=%s", job_id, type(exc).__name__, exc_info=True)
+                log_event(log, "processing_error", logging.WARNING, exc_info=True, job_id=job_id, error=type(exc).__name__)
                 with self.db.session() as session:
                     job = self._owned(session, job_id)
                     if job is not None:
@@ -301,7 +301,7 @@ class JobWorker:
                     if not self.renew(job_id):
                         return  # _owned logs it when the result comes
                 except Exception:  # a database hiccup: the next renewal may still be in time
-                    log.warning("event=lease_renew_error job_id=%s worker=%s", job_id, self.id, exc_info=True)
+                    log_event(log, "lease_renew_error", logging.WARNING, exc_info=True, job_id=job_id, worker=self.id)
 
         thread = threading.Thread(target=renew_until_done, name=f"dicomnode-lease-{job_id}", daemon=True)
         thread.start()
@@ -379,7 +379,7 @@ def worker_command(args) -> int:
         check_fusion_methods(config)
         db = AuditDB.open(config.storage.database_url)
     except (StartupError, RuntimeError) as exc:
-        log.error("event=start_failed error=%r", str(exc))
+        log_event(log, "start_failed", logging.ERROR, error=str(exc))
         print(f"dicomnode worker: cannot start: {exc}", file=sys.stderr)
         return 1
     spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
@@ -387,7 +387,7 @@ def worker_command(args) -> int:
     stopping = threading.Event()
 
     def _stop(signum, _frame):
-        log.info("event=signal signal=%s", signal.Signals(signum).name)
+        log_event(log, "signal", signal=signal.Signals(signum).name)
         stopping.set()
         worker.submit()  # end the poll wait
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from dicomnode.log import event
+
 log = logging.getLogger(__name__)
 
 
@@ -68,8 +70,8 @@ def validate_file(path: Path, *, timeout_s: float = 60.0) -> IODReport:
     proc = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True,
                           timeout=timeout_s, check=False)
     report = parse_dciodvfy_output(proc.stdout + "\n" + proc.stderr)
-    log.debug("event=iod_validated file=%s iod=%r errors=%d warnings=%d",
-              path.name, report.iod, len(report.errors), len(report.warnings))
+    event(log, "iod_validated", logging.DEBUG, file=path.name, iod=report.iod, errors=len(report.errors),
+          warnings=len(report.warnings))
     return report
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dicomnode.log import event
+
 log = logging.getLogger(__name__)
 
 # Body parts (DICOM BodyPartExamined, upper case) that get the brain window for CT.
@@ -72,13 +74,13 @@ def intensity_range(array: np.ndarray, modality: str, units: str | None, fusion_
     if modality == "CT":
         head = (body_part or "").upper().replace(" ", "") in HEAD_BODY_PARTS
         center, width = cfg.ct_brain_window if head else cfg.ct_window
-        log.debug("event=prepare modality=CT center=%s width=%s", center, width)
+        event(log, "prepare", logging.DEBUG, modality="CT", center=center, width=width)
         return DisplayRange(center - width / 2, center + width / 2, "HU", "window")
     if modality == "MR":
         return DisplayRange(*_percentile_range(array, *cfg.mr_percentiles), "", "percentile")
     if modality == "PT":
         is_suv = (units or "").upper() in {"GML", "SUV", "SUVBW", "G/ML"}
-        log.debug("event=prepare modality=PT units=%s suv=%s", units, is_suv)
+        event(log, "prepare", logging.DEBUG, modality="PT", units=units, suv=is_suv)
         if is_suv and cfg.pet_suv_max > 0:
             return DisplayRange(0.0, float(cfg.pet_suv_max), "SUV", "fixed")
         unit = "SUV" if is_suv else (units or "counts").upper()

@@ -92,7 +92,7 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
     # Even when only resampling: disjoint fields of view can never make a valid fusion.
     _check_raw_overlap(fixed.image, moving.image)
     if skip is not None:
-        log.info("event=registration_skipped reason=%s", skip.replace(" ", "_"))
+        event(log, "registration_skipped", reason=skip)
         return Registration(sitk.Transform(3, sitk.sitkIdentity), skipped_reason=skip,
                             seconds=time.perf_counter() - start)
 
@@ -101,8 +101,8 @@ def register_volumes(fixed: Volume, moving: Volume, config: RegistrationConfig) 
     if engine.same_frame:
         _hold_scanner_alignment(engine, result)
     result.seconds = time.perf_counter() - start
-    log.info("event=registration_done seconds=%.1f stages=%s fallbacks=%s", result.seconds,
-             ",".join(s.name for s in result.stages if s.kept) or "none", ",".join(result.fallbacks) or "none")
+    event(log, "registration_done", seconds=round(result.seconds, 1),
+          stages=",".join(s.name for s in result.stages if s.kept) or "none", fallbacks=",".join(result.fallbacks) or "none")
     return result
 
 
@@ -303,7 +303,7 @@ class _Engine:
                 r.Execute(lv.fixed, lv.moving)
                 ran, stop = r.GetOptimizerIteration(), r.GetOptimizerStopConditionDescription().strip()
                 done += ran
-                log.debug("event=registration_level stage=%s mm=%g iterations=%d stop=\"%s\"", stage, mm, ran, stop)
+                event(log, "registration_level", logging.DEBUG, stage=stage, mm=mm, iterations=ran, stop=stop)
                 if not stopped_early(done, budget, stop):
                     if attempt:
                         notes.append(f"restarted at {mm:g} mm after an early stop; {done} of {budget} iterations")
@@ -335,8 +335,8 @@ class _Engine:
         after = self.heldout(tx)
         if not after < before:  # it fitted its own sample only
             tx.SetParameters(start)
-        log.debug("event=registration_polish mm=%g iterations=%d kept=%s stop=\"%s\"", mm, r.GetOptimizerIteration(),
-                  after < before, r.GetOptimizerStopConditionDescription().strip())
+        event(log, "registration_polish", logging.DEBUG, mm=mm, iterations=r.GetOptimizerIteration(), kept=after < before,
+              stop=r.GetOptimizerStopConditionDescription().strip())
         return r.GetOptimizerIteration()
 
     def bspline(self) -> sitk.BSplineTransform:
@@ -383,8 +383,8 @@ class _Engine:
             report = StageReport(stage, current_metric, after, kept, iterations, time.perf_counter() - t0, note,
                                  self._stage_levels(stage))
             result.stages.append(report)
-            log.info("event=registration_stage stage=%s kept=%s metric_before=%.4f metric_after=%.4f iterations=%d "
-                     "seconds=%.1f", stage, kept, report.metric_before, report.metric_after, iterations, report.seconds)
+            event(log, "registration_stage", stage=stage, kept=kept, metric_before=round(report.metric_before, 4),
+                  metric_after=round(report.metric_after, 4), iterations=iterations, seconds=round(report.seconds, 1))
             if kept:
                 current_metric = after
                 if stage == "deformable":

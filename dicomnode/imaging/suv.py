@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pydicom.dataset import Dataset
 
 from dicomnode.domain import FUNCTIONAL
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def volume_units(ds: Dataset, modality: str) -> tuple[str, str, float | None]:
     try:
         return "SUVbw", *suv_bw_factor(ds)
     except SUVError as exc:
-        log.info("event=suv_not_computed reason=%s", exc)
+        event(log, "suv_not_computed", reason=str(exc))
         return "BQML", f"kept Bq/ml: {exc}", None
 
 

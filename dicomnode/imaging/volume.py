@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.identity import Identity, identity_differences
 from dicomnode.imaging.suv import volume_units
+from dicomnode.log import event
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def load_series(paths: Sequence[Path], expect: Identity | None = None) -> Volume
             if named:
                 raise VolumeError(f"{f} is not a DICOM file") from exc
             not_dicom.append(f.name)
-            log.debug("event=skip_file file=%s reason=not_dicom", f)
+            event(log, "skip_file", logging.DEBUG, file=f, reason="not_dicom")
             continue
         except OSError as exc:
             raise VolumeError(f"cannot read {f}: {exc.strerror or exc}") from exc
@@ -161,8 +162,8 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
         units_note=note,
         suv_factor=factor,
     )
-    log.info("event=volume_loaded modality=%s size=%s spacing_mm=%s units=%s", modality,
-             "x".join(map(str, image.GetSize())), ",".join(f"{v:.3g}" for v in image.GetSpacing()), units)
+    event(log, "volume_loaded", modality=modality, size="x".join(map(str, image.GetSize())),
+          spacing_mm=",".join(f"{v:.3g}" for v in image.GetSpacing()), units=units)
     return vol
 
 
@@ -306,7 +307,7 @@ def _nm_frames(ds: Dataset) -> list[_Slice]:
             if spacing_between in (None, ""):
                 raise VolumeError("NM reconstruction has neither SpacingBetweenSlices nor SliceThickness: "
                                   "its slice positions are unknown")
-            log.info("event=nm_spacing_from_thickness spacing_mm=%s", spacing_between)
+            event(log, "nm_spacing_from_thickness", spacing_mm=spacing_between)
         else:
             spacing_between = 0.0
     step = float(spacing_between)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dicomnode.domain import luma
+from dicomnode.log import event
 from dicomnode.quality import basic, information, perceptual, stack, structural
 from dicomnode.quality.fsim import fsim
 from dicomnode.quality.names import DEFAULT_SERIES_METRICS, DIRECTIONS, METRIC_NAMES
@@ -350,8 +351,8 @@ def score_series(
         scored = table[scored_idx]
         means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scored.T]
     elapsed = time.perf_counter() - start
-    log.info("event=series_scored slices=%d scored=%d blank=%d metrics=%s seconds=%.3f",
-             n, scored_idx.size, len(selection.blank), ",".join(chosen), elapsed)
+    event(log, "series_scored", slices=n, scored=int(scored_idx.size), blank=len(selection.blank), metrics=",".join(chosen),
+          seconds=round(elapsed, 3))
     return SeriesQuality(chosen, per_slice, dict(zip(chosen, means, strict=True)), selection.blank, elapsed,
                          selection.scored)
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.models import Instance, Series, SeriesState
 from dicomnode.config import CompletionConfig
+from dicomnode.log import event
 from dicomnode.routing import SeriesRef
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,8 @@ def mark_complete(session: Session, series: Series, reason: str, now: datetime) 
     if result.rowcount != 1:
         return None
     session.refresh(series)
-    log.info(
-        "event=series_complete series_uid=%s modality=%s instances=%d reason=%s",
-        series.series_uid, series.modality, series.received_count, reason,
-    )
+    event(log, "series_complete", series_uid=series.series_uid, modality=series.modality,
+          instances=series.received_count, reason=reason)
     return CompletedSeries(series.series_uid, series.study_uid, series.modality, series.received_count, reason)
 
 
