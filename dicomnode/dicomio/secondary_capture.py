@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 from highdicom.sc import SCImage
@@ -59,10 +60,11 @@ class FusedSeries:
     As highdicom's IODs do, the constructor takes everything the series needs and checks it
     before anything is built (fixed geometry and frame of reference, the RGB stack, the source
     slices it references, series number and texts), raising ``EncodingError`` with the reason.
-    ``datasets`` are then complete: no caller adds to or repairs them.
+    Iterating then yields the instances, each complete (no caller adds to or repairs them), one
+    at a time so a caller can write each and let it go (``list()`` them to hold them all).
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
-    (increasing z). Instances are held and numbered (1..N) in ``display_order``, the order of
+    (increasing z). Instances come and are numbered (1..N) in ``display_order``, the order of
     the Parametric Map frames (head to feet for axial slices).
     """
 
@@ -84,19 +86,26 @@ class FusedSeries:
         if rgb.dtype != np.uint8:
             raise EncodingError(f"fused slices must be uint8 RGB, got {rgb.dtype}")
         check_stack(rgb, fixed, rows, cols, "fused RGB stack", channels=3)
+        self.fixed, self.moving, self.rgb = fixed, moving, rgb
         self.method = check_text(method, "fusion method")
         self.series_number = check_series_number(series_number)
         self.series_description = derived_series_description(check_text(series_description, "series description")) \
             if series_description else fused_series_description(fixed, moving, method)
         self.derivation_description = derivation_description(method, check_text(derivation, "derivation"))
         self.series_uid = generate_uid()
+
+    def __len__(self) -> int:
+        return len(self.fixed.headers)
+
+    def __iter__(self) -> Iterator[Dataset]:
         now = datetime.datetime.now()
-        moving_slices = overlapping_slices(fixed, moving)
-        self.datasets: list[Dataset] = [
-            self._instance(fixed, moving, fixed.headers[k], rgb[k], moving_slices[k], number, now)
-            for number, k in enumerate(display_order(fixed.headers), 1)
-        ]
-        event(log, "fused_series_encoded", method=method, slices=len(self.datasets), series_number=self.series_number)
+        moving_slices = overlapping_slices(self.fixed, self.moving)
+        count = 0
+        for number, k in enumerate(display_order(self.fixed.headers), 1):
+            yield self._instance(self.fixed, self.moving, self.fixed.headers[k], self.rgb[k], moving_slices[k], number,
+                                 now)
+            count += 1
+        event(log, "fused_series_encoded", method=self.method, slices=count, series_number=self.series_number)
 
     def _instance(self, fixed: Volume, moving: Volume, header: Dataset, pixels: np.ndarray,
                   moving_slices: list[Dataset], number: int, now: datetime.datetime) -> Dataset:
@@ -144,5 +153,5 @@ class FusedSeries:
 
 
 def build_fused_series(fixed: Volume, moving: Volume, rgb: np.ndarray, **options) -> list[Dataset]:
-    """The instances of ``FusedSeries(fixed, moving, rgb, **options)``."""
-    return FusedSeries(fixed, moving, rgb, **options).datasets
+    """The instances of ``FusedSeries(fixed, moving, rgb, **options)``, as a list."""
+    return list(FusedSeries(fixed, moving, rgb, **options))

@@ -1,7 +1,8 @@
 """The output builders check their inputs in the constructor, as highdicom's IODs do.
 
-Every bad input is refused with an EncodingError that names the problem, before any dataset is
-built; what a builder returns is complete (no caller adds to it) and dciodvfy-clean.
+Every bad input is refused with an EncodingError that names the problem when the builder is
+made, before any dataset is built; what a builder gives is complete (no caller adds to it) and
+dciodvfy-clean.
 """
 
 from __future__ import annotations
@@ -76,21 +77,22 @@ def test_bad_inputs_are_refused_in_the_constructor(synthetic_volumes, builder, c
 
 def test_layout_controls_of_st_are_allowed_in_the_derivation(synthetic_volumes):
     ct, pt = synthetic_volumes["CT"], synthetic_volumes["PT"]
-    series = _fused(ct, pt, derivation="registered\r\nthen fused")
-    assert "registered\r\nthen fused" in series.datasets[0].DerivationDescription
+    first = next(iter(_fused(ct, pt, derivation="registered\r\nthen fused")))
+    assert "registered\r\nthen fused" in first.DerivationDescription
 
 
 def test_built_outputs_are_complete_and_conform(synthetic_volumes):
     ct, pt = synthetic_volumes["CT"], synthetic_volumes["PT"]
     fused, pm = _fused(ct, pt), _map(ct, pt)
-    assert len(fused.datasets) == len(ct.headers)
-    assert {ds.SeriesInstanceUID for ds in fused.datasets} == {fused.series_uid}
-    assert all(int(ds.SeriesNumber) == fused.series_number == 9011 for ds in fused.datasets)
-    assert all(ds.FrameOfReferenceUID == ct.frame_of_reference_uid for ds in fused.datasets)
+    datasets = list(fused)
+    assert len(datasets) == len(fused) == len(ct.headers)
+    assert {ds.SeriesInstanceUID for ds in datasets} == {fused.series_uid}
+    assert all(int(ds.SeriesNumber) == fused.series_number == 9011 for ds in datasets)
+    assert all(ds.FrameOfReferenceUID == ct.frame_of_reference_uid for ds in datasets)
     assert int(pm.dataset.SeriesNumber) == pm.series_number == 9012 and pm.dataset.ContentLabel == pm.label
     # Every source is referenced by the builder itself.
     referenced = {item.SeriesInstanceUID for item in pm.dataset.ReferencedSeriesSequence}
     assert referenced == {ct.series_uid, pt.series_uid}
     require_tool("dciodvfy")
-    assert validate_dataset(fused.datasets[0]).errors == []
+    assert validate_dataset(datasets[0]).errors == []
     assert validate_dataset(pm.dataset).errors == []
