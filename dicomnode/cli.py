@@ -16,15 +16,15 @@ from dicomnode.domain import MODALITIES
 # command -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
     "serve": "dicomnode.node:serve_command",
-    "worker": "dicomnode.worker:worker_command",
-    "demo": "dicomnode.demo:demo_command",
+    "worker": "dicomnode.commands.node:worker_command",
+    "demo": "dicomnode.commands.demo:demo_command",
     "send": "dicomnode.net.scu:send_command",
-    "register": "dicomnode.imaging.commands:register_command",
+    "register": "dicomnode.commands.register:register_command",
     "fuse": "dicomnode.commands.fuse:fuse_command",
     "train": "dicomnode.commands.lab:train_command",
     "metrics": "dicomnode.commands.metrics:metrics_command",
     "bench": "dicomnode.commands.lab:bench_command",
-    "audit": "dicomnode.audit.queries:audit_command",
+    "audit": "dicomnode.commands.audit:audit_command",
     "resend": "dicomnode.jobs:resend_command",
     "check-config": "dicomnode.node:check_config_command",
 }
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = COMMANDS[args.command].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except SystemExit as exc:  # a handler that cannot go on (commands.load_config_or_exit) says with which status
+        return exc.code if isinstance(exc.code, int) else 1
 
 
 if __name__ == "__main__":

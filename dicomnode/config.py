@@ -394,7 +394,7 @@ class ConfigError(Exception):
     """The configuration file cannot be used; ``problems`` lists ``key.path: message`` lines."""
 
     def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
+        self.source, self.problems = source, problems
         super().__init__(f"{source}: " + "; ".join(problems))
 
 

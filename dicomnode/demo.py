@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
@@ -74,7 +73,7 @@ def wait_for_job(db, timeout_s: float):
         with db.session() as session:
             job = session.scalars(select(Job).order_by(Job.id)).first()
         if job is not None and job.state != last:
-            _say(f"job {job.id}: {job.state.value}")
+            say(f"job {job.id}: {job.state.value}")
             last = job.state
         if job is not None and job.state in (JobState.done, JobState.failed):
             return job
@@ -207,23 +206,6 @@ def write_montage(fused_files: list[Path], map_files: dict[str, Path], target: P
     return target
 
 
-def demo_command(args) -> int:
-    """Run the demo (see the module docstring); 0 when the fused series came back to the PACS."""
-    from dicomnode.log import setup_logging
-    from dicomnode.config import LoggingConfig
-
-    setup_logging(LoggingConfig(level="WARNING"))
-    # Real data carries harmless standard deviations (e.g. over-long SH values) that pydicom and
-    # highdicom also report as Python warnings on every read; they would drown the demo's own lines.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)\b")
-    try:
-        run_demo(Path(args.workdir).resolve(), bool(args.synthetic))
-        return 0
-    except DemoError as exc:
-        _say(f"FAILED: {exc}")
-        return 1
-
-
 @dataclass
 class DemoRun:
     """What one demo run measured: seconds per processing stage and the audit timeline."""
@@ -251,7 +233,7 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
     shutil.rmtree(demo_dir, ignore_errors=True)
     demo_dir.mkdir(parents=True)
     description, study = demo_study(demo_dir, synthetic)
-    _say(f"study: {description}")
+    say(f"study: {description}")
     study_uid = str(pydicom.dcmread(study["CT"][0], stop_before_pixels=True).StudyInstanceUID)
     node_port = _free_port()
     (demo_dir / "orthanc").mkdir()
@@ -262,7 +244,7 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         raise DemoError(str(exc)) from exc
     node = None
     try:
-        _say(f"Orthanc PACS: AE {pacs.ae_title}, DICOM port {pacs.dicom_port}, REST {pacs.url}")
+        say(f"Orthanc PACS: AE {pacs.ae_title}, DICOM port {pacs.dicom_port}, REST {pacs.url}")
         config = load_config(overrides=_merge({
             "node": {"port": node_port},
             "storage": {"spool_dir": str(demo_dir / "spool"), "database_url": f"sqlite:///{demo_dir / 'dicomnode.db'}"},
@@ -271,22 +253,22 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         }, overrides or {}))
         node = Node(config)
         node.start()
-        _say(f"node: AE {config.node.ae_title} on 127.0.0.1:{node_port}, audit DB and spool in {demo_dir}")
-        _say(f"series complete after {DEMO_STABLE_AGE_S:g} s without a new instance "
+        say(f"node: AE {config.node.ae_title} on 127.0.0.1:{node_port}, audit DB and spool in {demo_dir}")
+        say(f"series complete after {DEMO_STABLE_AGE_S:g} s without a new instance "
              f"(demo setting; the default is {load_config().completion.stable_age_s:g} s)")
         started = time.monotonic()
         pacs.upload(study["CT"] + study["PT"])
-        _say(f"uploaded {len(study['CT']) + len(study['PT'])} instances to Orthanc; Orthanc sends the study to the node")
+        say(f"uploaded {len(study['CT']) + len(study['PT'])} instances to Orthanc; Orthanc sends the study to the node")
         routed_at = datetime.now(timezone.utc)
         pacs.route([pacs.lookup(study_uid, "Study")])
         job = wait_for_job(node.db, JOB_TIMEOUT_S)
         if job.state.value != "done":
             print(summary_text(node.db))
             raise DemoError(f"job {job.id} failed: {job.reason}")
-        _say(f"fused series back in Orthanc {time.monotonic() - started:.1f} s after the upload began")
+        say(f"fused series back in Orthanc {time.monotonic() - started:.1f} s after the upload began")
         marks = timeline(node.db, job.id, routed_at)
-        _say("timeline (s after Orthanc began sending): " + ", ".join(f"{name} {t:.2f}" for name, t in marks))
-        _say("processing stage seconds: " + ", ".join(f"{k}={v:.2f}" for k, v in job.timings.items()))
+        say("timeline (s after Orthanc began sending): " + ", ".join(f"{name} {t:.2f}" for name, t in marks))
+        say("processing stage seconds: " + ", ".join(f"{k}={v:.2f}" for k, v in job.timings.items()))
         saved = save_outputs(pacs, study_uid, job, demo_dir / "instances")
         expected = {o["kind"]: o["count"] for o in job.outputs["series"]}
         got = {k: len(v) for k, v in saved.items()}
@@ -296,14 +278,14 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         # What a newcomer should look at: slices through the lesion, its colour bar, and the maps.
         montage = write_montage(saved["fused"], {k: saved[k][0] for k in ("heatmap", "saliency") if k in saved},
                                 demo_dir / "fused_montage.png", focus=hottest_point(study["PT"]))
-        _say(f"wrote {montage}: fused slices through the lesion (colour bar burned in) and the explanation maps")
+        say(f"wrote {montage}: fused slices through the lesion (colour bar burned in) and the explanation maps")
         # Orthanc renders the uint16 map (a float one it would not): keep its preview of frame 1.
         heatmap_png = demo_dir / "heatmap_preview.png"
         heatmap_uids = {o["series_uid"] for o in job.outputs["series"] if o["kind"] == "heatmap"}
         for series in pacs.study_series(study_uid):
             if series["MainDicomTags"].get("SeriesInstanceUID") in heatmap_uids:
                 heatmap_png.write_bytes(pacs.preview_png(series["Instances"][0]))
-        _say(f"wrote {preview}, {heatmap_png} and {sum(got.values())} output instances under {demo_dir / 'instances'}")
+        say(f"wrote {preview}, {heatmap_png} and {sum(got.values())} output instances under {demo_dir / 'instances'}")
         if summary:
             print()
             print(summary_text(node.db))
@@ -312,7 +294,7 @@ def run_demo(workdir: Path, synthetic: bool, overrides: dict | None = None, summ
         if node is not None:
             node.stop()
         pacs.stop()
-        _say("stopped the node and Orthanc")
+        say("stopped the node and Orthanc")
 
 
 def _merge(base: dict, extra: dict) -> dict:

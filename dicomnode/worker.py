@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Metric
-from dicomnode.config import Config, ConfigError, load_config
+from dicomnode.config import Config
 from dicomnode.log import event as log_event
 from dicomnode.jobs import transition
 from dicomnode.pipeline import JobInputs, ProcessingOutput
@@ -358,43 +356,3 @@ def recover(db: AuditDB, worker: JobWorker) -> dict[str, int]:
     worker.submit()
     return {"requeued": by_state.get(JobState.paired, 0) + by_state.get(JobState.processing, 0),
             "resend": by_state.get(JobState.encoded, 0)}
-
-
-def worker_command(args) -> int:
-    """``dicomnode worker --config FILE``: claim and process jobs until SIGTERM/SIGINT."""
-    from dicomnode.log import setup_logging
-    from dicomnode.net.scu import SendQueue
-    from dicomnode.node import StartupError, check_fusion_methods
-    from dicomnode.pipeline import process_job, warm_up
-    from dicomnode.store.spool import Spool
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
-        return 2
-    setup_logging(config.logging)
-    try:
-        check_fusion_methods(config)
-        db = AuditDB.open(config.storage.database_url)
-    except (StartupError, RuntimeError) as exc:
-        log_event(log, "start_failed", logging.ERROR, error=str(exc))
-        print(f"dicomnode worker: cannot start: {exc}", file=sys.stderr)
-        return 1
-    spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
-    worker = JobWorker(db, spool, config, process_job, SendQueue(db, config).enqueue, warm_up=warm_up)
-    stopping = threading.Event()
-
-    def _stop(signum, _frame):
-        log_event(log, "signal", signal=signal.Signals(signum).name)
-        stopping.set()
-        worker.submit()  # end the poll wait
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        worker.run_until(stopping)
-    finally:
-        db.close()
-    return 0

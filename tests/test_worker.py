@@ -146,11 +146,9 @@ def test_a_job_whose_workers_keep_dying_fails_with_the_reason(db, tmp_path):
 
 
 def test_worker_command_refuses_a_bad_config_with_the_key_path(tmp_path, capsys):
-    import argparse
-
-    from dicomnode.worker import worker_command
+    from dicomnode.cli import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[worker]\nlease_s = 0\n")
-    assert worker_command(argparse.Namespace(config=bad)) == 2
-    assert "worker.lease_s" in capsys.readouterr().err
+    assert main(["worker", "--config", str(bad)]) == 2
+    assert f"{bad}: worker.lease_s" in capsys.readouterr().err

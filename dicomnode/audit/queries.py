@@ -5,7 +5,6 @@ The text names series by UID and modality only; patient identifiers stay in the 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -257,38 +256,3 @@ def job_text(db: AuditDB, job_id: int) -> str:
     lines += _table("events", ["at", "from", "to", "detail"],
                     [[_ts(e["at"]), e["from"] or "-", e["to"], e["detail"] or ""] for e in record["events"]])
     return "\n".join(lines).rstrip() + "\n"
-
-
-def audit_command(args) -> int:
-    """``dicomnode audit [--config F] [--database-url U] [--limit N] [--job N [--json] | --study UID --patient ID --state S]``."""
-    from dicomnode.config import ConfigError, load_config
-
-    try:
-        config = load_config(getattr(args, "config", None))
-    except ConfigError as exc:
-        print(exc)
-        return 2
-    state = getattr(args, "state", None)
-    if state is not None and state not in JobState.__members__:
-        print(f"unknown job state {state!r}; one of: {', '.join(JobState.__members__)}")
-        return 2
-    if getattr(args, "json", False) and getattr(args, "job", None) is None:
-        print("--json needs --job N (the summary is text only)")
-        return 2
-    where = AuditFilter(getattr(args, "study", None), getattr(args, "patient", None), state and JobState(state))
-    url = getattr(args, "database_url", None) or config.storage.database_url
-    db = AuditDB.open(url)
-    try:
-        if getattr(args, "job", None) is not None and getattr(args, "json", False):
-            record = job_record(db, args.job)
-            if record is None:
-                print(f"no job {args.job}")
-                return 1
-            print(json.dumps(record, indent=2, default=str))
-        elif getattr(args, "job", None) is not None:
-            print(job_text(db, args.job), end="")
-        else:
-            print(summary_text(db, limit=getattr(args, "limit", 20), where=where), end="")
-    finally:
-        db.close()
-    return 0

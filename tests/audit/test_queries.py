@@ -6,7 +6,8 @@ import argparse
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Metric, Rejection, Send, SendState, Series
-from dicomnode.audit.queries import AuditFilter, audit_command, job_text, summary_text
+from dicomnode.audit.queries import AuditFilter, job_text, summary_text
+from dicomnode.commands.audit import audit_command
 
 
 def _fill(db: AuditDB) -> int:

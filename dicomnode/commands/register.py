@@ -7,8 +7,8 @@ import sys
 
 import SimpleITK as sitk
 
+from dicomnode.commands import load_config_or_exit
 from dicomnode.domain import MODALITIES
-from dicomnode.config import ConfigError, load_config
 from dicomnode.imaging.prepare import modality_used
 from dicomnode.imaging.register import Registration, RegistrationFailed, register_volumes
 from dicomnode.imaging.volume import Volume, VolumeError, load_volume
@@ -60,16 +60,16 @@ def register_command(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(_STAGES)}", file=sys.stderr)
         return 2
+    overrides: dict = {"registration": {"stages": list(stages)}}
+    if args.config is None:
+        overrides["registration"]["mode"] = "always"
+    config = load_config_or_exit(args.config, overrides).registration
     try:
-        overrides: dict = {"registration": {"stages": list(stages)}}
-        if args.config is None:
-            overrides["registration"]["mode"] = "always"
-        config = load_config(args.config, overrides).registration
         fixed, moving = load_volume(args.fixed), load_volume(args.moving)
         sources = (_apply_hint(fixed, getattr(args, "fixed_modality", None), "fixed"),
                    _apply_hint(moving, getattr(args, "moving_modality", None), "moving"))
         result = register_volumes(fixed, moving, config)
-    except (ConfigError, VolumeError, RegistrationFailed) as exc:
+    except (VolumeError, RegistrationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
