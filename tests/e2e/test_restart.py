@@ -163,3 +163,57 @@ def test_pending_sends_survive_a_restart_and_are_not_repeated(tmp_path, study):
         finally:
             db.close()
         assert_received_once(peer, job, sends)
+
+
+def test_a_peer_stalled_longer_than_the_connect_timeout_gets_each_instance_once(tmp_path, study):
+    """The cause of the duplicate outputs after a restart (issue 16 item 5), with DCMTK as the peer.
+
+    ``connect_timeout_s`` also bounded each C-STORE response: a peer that stalled longer than
+    that mid-series (load) failed the attempt, and the retry sent the whole series again, so
+    every instance it had already stored arrived twice. Here storescp is frozen (SIGSTOP) for
+    longer than the connect timeout after it stored five instances.
+    """
+    import os
+    import signal
+    import threading
+
+    from dicomnode.net.send_queue import SendQueue
+
+    storescp = require_tool("storescp")
+    files = study["CT"]
+    with StoreSCPPeer(storescp, tmp_path / "peer") as peer:
+        cfg = config(tmp_path, free_port(), peer.port)  # connect_timeout_s = 5
+        db = AuditDB.open(cfg.storage.database_url)
+        with db.session() as s:
+            job = Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", study_uid="3", method="alpha")
+            s.add(job)
+            s.flush()
+            job_id = job.id
+        queue = SendQueue(db, cfg)
+        queue.enqueue(job_id, "1.2.3", "back", files)
+        stalled = threading.Event()
+
+        def stall() -> None:
+            deadline = time.monotonic() + 120
+            while len(peer.files()) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(peer._proc.pid, signal.SIGSTOP)
+            try:
+                stalled.set()
+                time.sleep(cfg.sending.connect_timeout_s + 2)
+            finally:
+                os.kill(peer._proc.pid, signal.SIGCONT)
+
+        staller = threading.Thread(target=stall)
+        staller.start()
+        try:
+            assert queue.run_due() == [job_id]
+        finally:
+            staller.join(150)
+        assert stalled.is_set()
+        with db.session() as s:
+            send = s.scalars(select(Send)).one()
+        db.close()
+        assert (send.state, send.attempts, send.acked_count) == (SendState.sent, 1, len(files)), send.last_status
+        received = Counter(peer.received_uids())
+        assert len(received) == len(files) and set(received.values()) == {1}
