@@ -111,9 +111,9 @@ class Node:
         """Stop accepting, finish the job in hand, end sends after their current instance, stop timers."""
         self.scp.stop()
         self.worker.stop()
-        # A send in hand stops after the instance on the wire; a hung peer holds it up to the timeouts.
-        sending = self.config.sending
-        self.sends.stop(timeout=sending.connect_timeout_s + sending.response_timeout_s + 5)
+        # A send in hand stops after the instance on the wire (released, its acks kept). A worker
+        # still negotiating with a hung peer is left to its timeout: it can send nothing more.
+        self.sends.stop(timeout=self.config.sending.connect_timeout_s + 10)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
