@@ -65,6 +65,27 @@ def _set_nodelay(event) -> None:
             pass
 
 
+def _keep_responses_for_the_sender(assoc) -> None:
+    """Stop pynetdicom's reactor thread from dropping the C-STORE responses ``send_c_store`` awaits.
+
+    pynetdicom 3.0 (and its main branch) races here: ``send_c_store`` pauses the reactor by
+    clearing a checkpoint and polling ``_is_paused``, which is still True from the previous
+    pause when the reactor thread has not run since. Under CPU load the reactor then takes the
+    response off the DIMSE queue, logs "Received unexpected C-STORE service message" and drops
+    it; the send waits out its response timeout, aborts and the instance is sent again although
+    the peer stored it. A response the reactor finds is put back on the queue for the sender.
+    """
+    serve = assoc._serve_request
+
+    def serve_requests_only(msg, context_id):
+        if not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_requests_only
+
+
 def _file_contexts(files: Sequence[Path]) -> list[tuple[Path, str, str, str]]:
     """(path, SOP class, SOP instance, transfer syntax) of each file, from its file meta only."""
     out = []
@@ -126,6 +147,7 @@ def send_files(
     if not assoc.is_established:
         what = "rejected by the peer" if assoc.is_rejected else "failed (peer unreachable, or aborted during negotiation)"
         raise SendFailed(f"association to {dest.ae_title}@{dest.host}:{dest.port} {what}")
+    _keep_responses_for_the_sender(assoc)
     statuses: dict[str, int] = {}
     try:
         for index, (path, _sop_class, sop_uid, _syntax) in enumerate(entries):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from sqlalchemy import func, select
 
 from dicomnode.audit.models import Instance
 from dicomnode.config import Destination
+from dicomnode.net import scu
 from dicomnode.net.scu import SendFailed, send_files
 
 from tests.net.conftest import free_port, make_ct
@@ -92,3 +94,52 @@ def test_send_files_response_wait_is_not_the_connect_timeout(tmp_path):
     with ScriptedSCP(lambda n, uid: (time.sleep(6), 0x0000)[1] if n == 1 else 0x0000) as peer:
         report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=3, response_timeout_s=30)
     assert report.sent == 3 and sorted(peer.counts().values()) == [1, 1, 1]
+
+
+class LateReactor(threading.Event):
+    """pynetdicom's reactor checkpoint, with the reactor thread descheduled (as under CPU load)
+    after it passes the checkpoint until a response is on the DIMSE queue."""
+
+    def __init__(self, assoc):
+        super().__init__()
+        self.set()
+        self.assoc = assoc
+
+    def wait(self, timeout=None):
+        passed = super().wait(timeout)
+        if threading.current_thread() is self.assoc:  # the reactor runs on the association's thread
+            deadline = time.monotonic() + 0.5
+            while not self.assoc.dimse.msg_queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.0002)
+        return passed
+
+
+def _late_reactor(monkeypatch, keep_responses: bool) -> None:
+    original = scu._keep_responses_for_the_sender
+
+    def install(assoc):
+        assoc._reactor_checkpoint = LateReactor(assoc)
+        if keep_responses:
+            original(assoc)
+
+    monkeypatch.setattr(scu, "_keep_responses_for_the_sender", install)
+
+
+def test_a_response_the_reactor_takes_still_reaches_the_sender(tmp_path, monkeypatch):
+    """Issue 16 item 5: under load pynetdicom's reactor took C-STORE responses; the send timed out and resent."""
+    files = write_series(tmp_path / "out", 10)
+    _late_reactor(monkeypatch, keep_responses=True)
+    with ScriptedSCP(lambda n, uid: (time.sleep(0.02), 0x0000)[1]) as peer:
+        report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=5)
+    assert report.sent == 10 and peer.requests == 10 and sorted(peer.counts().values()) == [1] * 10
+
+
+def test_pynetdicom_still_drops_responses_without_the_workaround(tmp_path, monkeypatch, caplog):
+    """The library race itself: when this fails after a pynetdicom upgrade, the workaround can go."""
+    files = write_series(tmp_path / "out", 10)
+    _late_reactor(monkeypatch, keep_responses=False)
+    with ScriptedSCP(lambda n, uid: (time.sleep(0.02), 0x0000)[1]) as peer:
+        with pytest.raises(SendFailed, match="no C-STORE response"):
+            send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=3)
+    assert "Received unexpected C-STORE service message" in caplog.text
+    assert len(peer.stored) == peer.requests  # the peer stored the instance whose answer was dropped

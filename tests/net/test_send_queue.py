@@ -23,6 +23,7 @@ from dicomnode.audit.models import Instance, Job, JobState, Send, SendState
 from dicomnode.config import SendingConfig, load_config
 from dicomnode.net.send_queue import SendQueue, retry_delay, retry_schedule
 
+from tests.backends import BACKENDS, open_test_db
 from tests.conftest import require_tool
 from tests.net.conftest import free_port, start_node
 from tests.net.scripted_scp import ABORT, ScriptedSCP
@@ -63,7 +64,8 @@ def test_default_retry_budget_outlasts_a_one_hour_outage():
     assert max(b - a for a, b in zip([0.0, *schedule], schedule)) == SendingConfig().max_delay_s
 
 
-def _queue_setup(tmp_path: Path, port: int, max_attempts: int = 5, ae_title: str = "DICOMNODE", **sending):
+def _queue_setup(tmp_path: Path, port: int, max_attempts: int = 5, ae_title: str = "DICOMNODE",
+                 db: AuditDB | None = None, **sending):
     config = load_config(
         None,
         {
@@ -72,7 +74,7 @@ def _queue_setup(tmp_path: Path, port: int, max_attempts: int = 5, ae_title: str
                         "connect_timeout_s": 3, **sending},
         },
     )
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'sender.db'}")
+    db = db or AuditDB.open(f"sqlite:///{tmp_path / 'sender.db'}")
     with db.session() as s:
         job = Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", study_uid="3", method="alpha")
         s.add(job)
@@ -136,12 +138,18 @@ def test_queue_gives_up_after_max_attempts(tmp_path):
     db.close()
 
 
-def test_retry_after_an_abort_sends_only_what_was_not_acknowledged(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retry_after_an_abort_sends_only_what_was_not_acknowledged(tmp_path, backend):
     """Issue 13 item 9: a peer aborting mid-series got the whole series again on the retry."""
+    with open_test_db(backend, tmp_path) as db:
+        _resume_after_abort(tmp_path, db)
+
+
+def _resume_after_abort(tmp_path: Path, db: AuditDB) -> None:
     files = write_series(tmp_path / "out", 8)
     # The peer stores three instances, then aborts instead of answering the fourth.
     with ScriptedSCP(lambda n, uid: ABORT if n == 3 else 0x0000) as peer:
-        config, db, job_id = _queue_setup(tmp_path, peer.port, ae_title=peer.ae_title)
+        config, db, job_id = _queue_setup(tmp_path, peer.port, ae_title=peer.ae_title, db=db)
         SendQueue(db, config).enqueue(job_id, "1.2.3", "pacs", files)
         t0 = datetime.now(timezone.utc)
         assert SendQueue(db, config).run_due(t0) == []
@@ -155,7 +163,6 @@ def test_retry_after_an_abort_sends_only_what_was_not_acknowledged(tmp_path):
     assert "sent 5 instances" in row.last_status and "resumed after 3 acknowledged" in row.last_status
     assert peer.requests == 9  # 8 instances + the one the peer aborted on
     assert sorted(peer.counts().values()) == [1] * 8, peer.counts()
-    db.close()
 
 
 def test_acknowledgements_are_committed_while_the_series_is_sent(tmp_path):
