@@ -306,3 +306,32 @@ def test_a_hung_destination_delays_only_its_own_sends(tmp_path, caplog):
         finally:
             node.stop()
     assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
+
+
+def test_an_administrator_resend_sends_only_the_unacknowledged_rest(tmp_path):
+    """``dicomnode resend`` after a send gave up mid-series: acknowledged files are neither resent nor needed."""
+    from dicomnode.jobs import requeue_failed_sends
+
+    files = write_series(tmp_path / "out", 5)
+    # Two instances stored, then the peer aborts on every later request: the one attempt fails.
+    with ScriptedSCP(lambda n, uid: ABORT if n >= 2 else 0x0000) as down:
+        config, db, job_id = _queue_setup(tmp_path, down.port, max_attempts=1, ae_title=down.ae_title)
+        with db.session() as s:
+            s.get(Job, job_id).state = JobState.sending
+        queue = SendQueue(db, config)
+        queue.enqueue(job_id, "1.2.3", "pacs", files)
+        assert queue.run_due() == [job_id]
+    assert (send_row(db).state, send_row(db).acked_count) == (SendState.failed, 2)
+    with db.session() as s:
+        s.get(Job, job_id).state = JobState.failed
+    for done in files[:2]:
+        done.unlink()  # retention may purge them: they are delivered already
+    with db.session() as s:
+        report = requeue_failed_sends(s, [job_id])
+    assert report.jobs == {job_id: 1} and report.refused == {}
+    with ScriptedSCP(lambda n, uid: 0x0000) as back:
+        config = config.model_copy(update={"destinations": (config.destinations[0].model_copy(update={"port": back.port}),)})
+        assert SendQueue(db, config).run_due() == [job_id]
+    assert (send_row(db).state, send_row(db).acked_count) == (SendState.sent, 5)
+    assert back.requests == 3 and sorted(back.counts().values()) == [1, 1, 1]
+    db.close()
