@@ -4,9 +4,9 @@ The queue keeps one ``Send`` row per (job, output series, destination). Each con
 destination has its own worker thread, so a destination that hangs delays only its own sends.
 A worker attempts its destination's rows whose ``next_attempt_at`` has passed; a failure schedules
 the next attempt after ``min(initial_delay_s * backoff**(attempts-1), max_delay_s)`` and the send
-is ``failed`` after ``max_attempts``. Every acknowledged instance is committed to the row
-(``acked_count``) as its response arrives, so a retry or a restart sends only what the peer has
-not acknowledged. The one instance in flight when a response timed out, the association aborted
+is ``failed`` after ``max_attempts``. The acknowledged instances are counted in the row
+(``acked_count``, committed while the series is sent and when the attempt ends), so a retry or a
+restart sends only what the peer has not acknowledged. The one instance in flight when a response timed out, the association aborted
 or the process died may reach the peer twice (under the same SOP Instance UID).
 """
 
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # Longest a destination worker sleeps between looks at its due sends (a wake-up ends it sooner).
 POLL_S = 2.0
+# The acknowledged count is committed at most this often while a series is on the wire (and
+# always when an attempt ends): one commit per instance halved the send rate on SQLite here,
+# and a crash re-sends at most this many seconds' worth of instances.
+ACK_COMMIT_EVERY_S = 0.25
 
 
 def retry_delay(attempts: int, initial_s: float, backoff: float, max_s: float) -> float:
@@ -195,14 +199,17 @@ class SendQueue:
         final_error = False
         stored = 0
         warnings: Counter[int] = Counter()
+        committed_at = time.monotonic()
 
         def on_stored(index: int, _uid: str, status: int) -> None:
-            nonlocal stored
-            with self.db.session() as session:  # committed now: a retry or restart resumes after it
-                session.execute(update(Send).where(Send.id == send_id).values(acked_count=acked + index + 1))
+            nonlocal stored, committed_at
             stored = index + 1
             if status:
                 warnings[status] += 1
+            if time.monotonic() - committed_at >= ACK_COMMIT_EVERY_S:  # a crash now resumes after it
+                with self.db.session() as session:
+                    session.execute(update(Send).where(Send.id == send_id).values(acked_count=acked + stored))
+                committed_at = time.monotonic()
 
         started = time.perf_counter()
         try:
@@ -234,6 +241,7 @@ class SendQueue:
         with self.db.session() as session:
             row = session.get(Send, send_id)
             row.attempts = attempt_no
+            row.acked_count = acked + stored
             if error is None:
                 row.state = SendState.sent
                 row.sent_at = datetime.now(timezone.utc)
@@ -269,6 +277,7 @@ class SendQueue:
         # A stop is not the destination's fault: the attempt is not counted and the rest is due at once.
         with self.db.session() as session:
             row = session.get(Send, send_id)
+            row.acked_count = acked + stored
             row.last_status = f"{why}; {acked + stored} of {len(row.files)} acknowledged, the rest goes at the next start"
         log_event(log, "send_interrupted", job=job_id, send=send_id, destination=dest_name, acked=acked + stored)
         return job_id, False
