@@ -164,7 +164,7 @@ def _registration_lines(reg: dict) -> list[str]:
     head = (f"registration: {_num(reg.get('seconds'), '.1f')} s, start {reg.get('initialization') or '-'}, "
             f"transform {reg.get('transform') or '-'}, deformable {'yes' if reg.get('deformable') else 'no'}")
     if reg.get("skipped_reason"):  # stages ran, and the result was held back (same frame of reference)
-        head += f"; held at identity: {reg['skipped_reason']}"
+        head += f"\n  held at identity: {reg['skipped_reason']}"
     rows = [[st["name"], "yes" if st.get("kept") else "no", _num(st.get("metric_before")), _num(st.get("metric_after")),
              str(st.get("iterations", "-")), _num(st.get("seconds"), ".1f"),
              ",".join(f"{v:g}" for v in st.get("levels_mm") or ()) or "-", st.get("note") or ""]
