@@ -304,13 +304,20 @@ class WorkerConfig(_Section):
 
 
 class SendingConfig(_Section):
-    """C-STORE SCU retries: delay = min(initial_delay_s * backoff**attempt, max_delay_s)."""
+    """C-STORE SCU retries: after failed attempt n the next waits min(initial_delay_s * backoff**(n-1), max_delay_s).
 
-    max_attempts: int = Field(6, ge=1)
-    initial_delay_s: float = Field(5.0, ge=0)
-    max_delay_s: float = Field(600.0, ge=0)
+    The defaults wait 30, 60, 120, 240, 480 s, then 900 s four times: the 10th and last attempt
+    comes 75 min after the first, so a destination down for an hour still gets everything (mercure
+    retries 5 x 900 s). ``connect_timeout_s`` bounds connect and association negotiation;
+    ``response_timeout_s`` bounds the wait for each C-STORE response (a busy PACS may take a while).
+    """
+
+    max_attempts: int = Field(10, ge=1)
+    initial_delay_s: float = Field(30.0, ge=0)
+    max_delay_s: float = Field(900.0, ge=0)
     backoff: float = Field(2.0, ge=1.0)
     connect_timeout_s: float = Field(15.0, gt=0)
+    response_timeout_s: float = Field(60.0, gt=0)
 
 
 class RetentionConfig(_Section):

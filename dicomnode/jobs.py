@@ -128,8 +128,8 @@ class Requeued:
 def requeue_failed_sends(session: Session, job_ids: list[int] | None = None) -> Requeued:
     """Put the failed sends of failed jobs (all such jobs when ``job_ids`` is None) back in the queue.
 
-    Each send restarts with a fresh attempt budget, due now; its job goes back to ``sending`` and
-    settles as usual. A job is refused when it failed before sending, or when retention has
+    Each send restarts with a fresh attempt budget, due now, and sends only the files the
+    destination has not acknowledged; its job goes back to ``sending`` and settles as usual. A job is refused when it failed before sending, or when retention has
     already deleted output files it would send (nothing is sent half).
     """
     query = select(Job).where(Job.state == JobState.failed)
@@ -145,7 +145,7 @@ def requeue_failed_sends(session: Session, job_ids: list[int] | None = None) -> 
                 out.refused[job.id] = (f"state {job.state.value}, no failed send" if job.state is not JobState.failed
                                        else f"failed before sending: {job.reason}")
             continue
-        missing = [f for s in failed for f in s.files if not Path(f).is_file()]
+        missing = [f for s in failed for f in s.files[s.acked_count:] if not Path(f).is_file()]  # acked: not resent
         if missing:
             out.refused[job.id] = f"{len(missing)} output files are gone (retention?), e.g. {missing[0]}"
             continue

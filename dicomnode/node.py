@@ -1,11 +1,11 @@
 """The node: SCP, completion timers, pairing, the processing worker and the send queue, wired.
 
 Threads: pynetdicom's association threads only spool and record instances; an apscheduler
-``BackgroundScheduler`` runs the completion check (which pairs and creates jobs) and the send
-queue; one worker thread processes jobs (``worker.in_serve``; more workers run as ``dicomnode
-worker`` processes and claim jobs through the same database). All state is in the audit
-database, so ``start`` after a stop or crash resumes: receiving series keep their timers,
-interrupted jobs are claimed again.
+``BackgroundScheduler`` runs the completion check (which pairs and creates jobs) and retention;
+one worker thread processes jobs (``worker.in_serve``; more workers run as ``dicomnode worker``
+processes and claim jobs through the same database); the send queue has one worker thread per
+destination. All state is in the audit database, so ``start`` after a stop or crash resumes:
+receiving series keep their timers, interrupted jobs are claimed again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,8 +31,6 @@ from dicomnode.worker import JobWorker, ProcessFn, recover
 
 log = logging.getLogger(__name__)
 
-# How often the send queue is polled between wake-ups (seconds); retries are timed by Send rows.
-SEND_POLL_S = 2.0
 # How often retention runs (hours): spool files and audit rows go once older than their limit.
 RETENTION_EVERY_H = 6.0
 
@@ -60,7 +57,7 @@ class Node:
     def __init__(self, config: Config, process: ProcessFn | None = None):
         from dicomnode.monitoring import MonitoringServer
         from dicomnode.net.scp import StoreSCP
-        from dicomnode.net.scu import SendQueue
+        from dicomnode.net.send_queue import SendQueue
 
         warm_up = None
         if process is None:
@@ -71,7 +68,7 @@ class Node:
         self.db = AuditDB.open(config.storage.database_url)
         # Absolute, so the spool paths recorded in the audit DB do not depend on the working directory.
         self.spool = Spool(Path(config.storage.spool_dir).expanduser().resolve())
-        self.sends = SendQueue(self.db, config)
+        self.sends = SendQueue(self.db, config, on_final=self.settle_jobs)
         # In-process by default: the thread shares this process's imports and the GPU context, and
         # its processing is mostly native code that releases the GIL. None: processing is left to
         # ``dicomnode worker`` processes.
@@ -84,7 +81,8 @@ class Node:
         self.monitor = MonitoringServer(self) if config.http.enabled else None
         # Completion + pairing run from the timer and from association threads; one at a time.
         self._pairing_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        # Destination workers settle jobs from their own threads; one settles at a time.
+        self._settle_lock = threading.Lock()
         # Stable age counts from here at the earliest: an outage never completes a series early.
         self._up_since: datetime | None = None
 
@@ -107,11 +105,12 @@ class Node:
         now = datetime.now(timezone.utc)
         self._scheduler.add_job(self.check_completion, "interval", seconds=self.config.completion.check_interval_s,
                                 id="completion", next_run_time=now)
-        self._scheduler.add_job(self.run_sends, "interval", seconds=SEND_POLL_S, id="sends", next_run_time=now)
         if self.config.retention.spool_days > 0 or self.config.retention.audit_days > 0:
             # First run one interval after start, so jobs recovered at start use their inputs first.
             self._scheduler.add_job(self.apply_retention, "interval", hours=RETENTION_EVERY_H, id="retention")
         self._scheduler.start()
+        self.settle_jobs()  # jobs whose last send finished just before a stop
+        self.sends.start()
         try:
             self.scp.start()
         except Exception as exc:
@@ -119,6 +118,7 @@ class Node:
             self._scheduler = None
             if self.worker is not None:
                 self.worker.stop(timeout=5)
+            self.sends.stop(timeout=5)
             node = self.config.node
             raise StartupError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         if self.monitor is not None:
@@ -149,12 +149,15 @@ class Node:
         log.info("event=spool_leftovers_removed tmp_files=%d outbox_files=%d", report.tmp_files, report.outbox_files)
 
     def stop(self) -> None:
-        """Stop accepting, finish the job in hand, stop timers, close the database."""
+        """Stop accepting, finish the job in hand, end sends after their current instance, stop timers."""
         if self.monitor is not None:
             self.monitor.stop()
         self.scp.stop()
         if self.worker is not None:
             self.worker.stop()
+        # A send in hand stops after the instance on the wire (released, its acks kept). A worker
+        # still negotiating with a hung peer is left to its timeout: it can send nothing more.
+        self.sends.stop(timeout=self.config.sending.connect_timeout_s + 10)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -220,22 +223,13 @@ class Node:
 
     # -- sending ----------------------------------------------------------------------------
     def wake_sender(self) -> None:
-        """Run the send queue now (on a scheduler thread) instead of at the next poll."""
-        scheduler = self._scheduler
-        if scheduler is None:
-            return
-        try:
-            scheduler.add_job(self.run_sends, id=f"sends-now-{uuid.uuid4().hex}")
-        except Exception:  # stopping: the next start's poll sends what is pending
-            log.debug("sender wake-up skipped", exc_info=True)
+        """Have the destination workers look for due sends now instead of at their next poll."""
+        self.sends.wake()
 
-    def run_sends(self) -> None:
-        """Attempt due sends, then settle jobs whose sends are all sent or failed."""
-        with self._send_lock:
-            self.sends.run_due()
-            with self.db.session() as session:
-                settle_sending_jobs(session)
-
+    def settle_jobs(self, _job_ids: list[int] | None = None) -> None:
+        """Move ``sending`` jobs whose sends are all sent or failed to ``done``/``failed``."""
+        with self._settle_lock, self.db.session() as session:
+            settle_sending_jobs(session)
 
     # -- retention ---------------------------------------------------------------------------
     def apply_retention(self) -> None:

@@ -205,6 +205,10 @@ class Send(Base):
     files: Mapped[list] = mapped_column(default=list)
     state: Mapped[SendState] = mapped_column(Enum(SendState, native_enum=False), default=SendState.pending, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
+    # Files (a prefix of ``files``) the destination answered with success or warning; committed
+    # while the series is sent (every ACK_COMMIT_EVERY_S) and when an attempt ends, so a retry or
+    # restart sends only ``files[acked_count:]``.
+    acked_count: Mapped[int] = mapped_column(default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_status: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]

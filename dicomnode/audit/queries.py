@@ -158,10 +158,12 @@ def _num(value, spec: str = ".4g") -> str:
 def _registration_lines(reg: dict) -> list[str]:
     if not reg:
         return ["registration: (not recorded)", ""]
-    if reg.get("skipped_reason"):
+    if reg.get("skipped_reason") and not reg.get("stages"):
         return [f"registration: not run ({reg['skipped_reason']}); resampled only", ""]
     head = (f"registration: {_num(reg.get('seconds'), '.1f')} s, start {reg.get('initialization') or '-'}, "
             f"transform {reg.get('transform') or '-'}, deformable {'yes' if reg.get('deformable') else 'no'}")
+    if reg.get("skipped_reason"):  # stages ran, and the result was held back (same frame of reference)
+        head += f"\n  held at identity: {reg['skipped_reason']}"
     rows = [[st["name"], "yes" if st.get("kept") else "no", _num(st.get("metric_before")), _num(st.get("metric_after")),
              str(st.get("iterations", "-")), _num(st.get("seconds"), ".1f"),
              ",".join(f"{v:g}" for v in st.get("levels_mm") or ()) or "-", st.get("note") or ""]

@@ -18,7 +18,7 @@ def worker_command(args) -> int:
     """``dicomnode worker --config FILE``: claim and process jobs until SIGTERM/SIGINT."""
     from dicomnode.audit.db import AuditDB
     from dicomnode.log import setup_logging
-    from dicomnode.net.scu import SendQueue
+    from dicomnode.net.send_queue import SendQueue
     from dicomnode.node import StartupError, check_fusion_methods
     from dicomnode.pipeline import process_job, warm_up
     from dicomnode.store.spool import Spool

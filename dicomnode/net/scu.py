@@ -1,11 +1,7 @@
-"""C-STORE SCU: send files to a peer on one association, and a persisted send queue with retries.
+"""C-STORE SCU: send files to a peer on one association (the persisted queue is ``net/send_queue.py``).
 
-The queue keeps one ``Send`` row per (job, output series, destination). ``run_due`` attempts the
-sends whose ``next_attempt_at`` has passed; a failure schedules the next attempt after
-``min(initial_delay_s * backoff**(attempts-1), max_delay_s)`` and the send is ``failed`` after
-``max_attempts``. Because the state is in the database a restarted node resumes where it stopped.
-Delivery is at-least-once: a crash between the peer's success status and the database commit
-sends the series again, which a PACS stores as the same SOP instances.
+``send_files`` reports each stored instance as its response arrives (``on_stored``), which is
+what lets the queue resume a series after the instances the peer has acknowledged.
 """
 
 from __future__ import annotations
@@ -15,23 +11,16 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Send, SendState
-from dicomnode.config import Config, Destination, TLSConfig
-from dicomnode.log import event as log_event
+from dicomnode.config import Destination, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +31,10 @@ _MAX_CONTEXTS = 128
 
 class SendFailed(Exception):
     """A send did not complete: association refused/failed or an instance got a non-success status."""
+
+
+class SendInterrupted(SendFailed):
+    """The node is stopping: the association was released after the last acknowledged instance."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +68,27 @@ def _set_nodelay(event) -> None:
             pass
 
 
+def _keep_responses_for_the_sender(assoc) -> None:
+    """Stop pynetdicom's reactor thread from dropping the C-STORE responses ``send_c_store`` awaits.
+
+    pynetdicom 3.0 (and its main branch) races here: ``send_c_store`` pauses the reactor by
+    clearing a checkpoint and polling ``_is_paused``, which is still True from the previous
+    pause when the reactor thread has not run since. Under CPU load the reactor then takes the
+    response off the DIMSE queue, logs "Received unexpected C-STORE service message" and drops
+    it; the send waits out its response timeout, aborts and the instance is sent again although
+    the peer stored it. A response the reactor finds is put back on the queue for the sender.
+    """
+    serve = assoc._serve_request
+
+    def serve_requests_only(msg, context_id):
+        if not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_requests_only
+
+
 def _file_contexts(files: Sequence[Path]) -> list[tuple[Path, str, str, str]]:
     """(path, SOP class, SOP instance, transfer syntax) of each file, from its file meta only."""
     out = []
@@ -96,6 +110,9 @@ def send_files(
     tls: TLSConfig | None = None,
     max_pdu: int = 131072,
     skip_refused: bool = False,
+    response_timeout_s: float | None = None,
+    on_stored: Callable[[int, str, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> SendReport:
     """C-STORE ``files`` to ``dest`` on one association; raises ``SendFailed`` unless all are stored.
 
@@ -104,8 +121,10 @@ def send_files(
 
     Presentation contexts are the files' own (SOP class, transfer syntax) pairs, so files are sent
     as stored, never transcoded. Warning statuses (0xB000/B006/B007) count as stored.
-    ``tls``: CA and client certificate used when ``dest.tls`` is set; ``timeout_s`` bounds connect,
-    association negotiation and each response.
+    ``tls``: CA and client certificate used when ``dest.tls`` is set; ``timeout_s`` bounds connect
+    and association negotiation, ``response_timeout_s`` (default ``timeout_s``) each C-STORE
+    response. ``on_stored(index, sop_instance_uid, status)`` runs after each stored instance;
+    when ``stop`` is set the association is released before the next instance (``SendInterrupted``).
     """
     started = time.perf_counter()
     entries = _file_contexts(files)
@@ -117,8 +136,9 @@ def send_files(
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
+    response_s = response_timeout_s or timeout_s
+    ae.dimse_timeout = response_s
+    ae.network_timeout = max(timeout_s, response_s)  # the idle timer must not undercut a response wait
     ae.maximum_pdu_size = max_pdu
     for sop_class, syntax in pairs:
         ae.add_requested_context(sop_class, syntax)
@@ -134,11 +154,15 @@ def send_files(
     if not assoc.is_established:
         what = "rejected by the peer" if assoc.is_rejected else "failed (peer unreachable, or aborted during negotiation)"
         raise SendFailed(f"association to {dest.ae_title}@{dest.host}:{dest.port} {what}")
+    _keep_responses_for_the_sender(assoc)
     statuses: dict[str, int] = {}
     skipped: list[tuple[Path, str]] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
-        for path, sop_class, sop_uid, syntax in entries:
+        for index, (path, sop_class, sop_uid, syntax) in enumerate(entries):
+            if stop is not None and stop.is_set():
+                assoc.release()
+                raise SendInterrupted(f"stopped after {index} of {len(entries)} instances")
             if skip_refused and (sop_class, syntax) not in accepted:
                 skipped.append((path, f"the peer accepted no presentation context for {_sop_class_name(sop_class)} in {syntax}"))
                 continue
@@ -153,7 +177,12 @@ def send_files(
                 if not skip_refused:
                     raise SendFailed(refusal)
                 skipped.append((path, refusal))
+                continue
+            if on_stored is not None:
+                on_stored(index, sop_uid, status)
         assoc.release()
+    except SendInterrupted:
+        raise
     except BaseException:
         assoc.abort()
         raise
@@ -163,124 +192,6 @@ def send_files(
 def _sop_class_name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
-
-
-def retry_delay(attempts: int, initial_s: float, backoff: float, max_s: float) -> float:
-    """Seconds before the next attempt after ``attempts`` failed ones (1 -> initial_s)."""
-    return min(initial_s * backoff ** max(0, attempts - 1), max_s)
-
-
-class SendQueue:
-    """Persisted sends with bounded exponential backoff (see the module docstring)."""
-
-    def __init__(self, db: AuditDB, config: Config):
-        self.db = db
-        self.config = config
-        self._running = threading.Lock()  # one run_due at a time per process
-
-    def enqueue(self, job_id: int, series_uid: str, destination_name: str, files: Sequence[Path]) -> None:
-        """Add a pending send; a second call for the same (job, series, destination) changes nothing."""
-        try:
-            with self.db.session() as session:
-                exists = session.scalar(
-                    select(Send.id).where(Send.job_id == job_id, Send.series_uid == series_uid, Send.destination == destination_name)
-                )
-                if exists is not None:
-                    return
-                session.add(
-                    Send(
-                        job_id=job_id,
-                        series_uid=series_uid,
-                        destination=destination_name,
-                        files=[str(p) for p in files],
-                        state=SendState.pending,
-                        attempts=0,
-                        next_attempt_at=datetime.now(timezone.utc),
-                    )
-                )
-        except IntegrityError:
-            return  # enqueued concurrently: the unique constraint keeps one row
-        log_event(log, "send_queued", job=job_id, series=series_uid, destination=destination_name, files=len(files))
-
-    def run_due(self, now: datetime | None = None) -> list[int]:
-        """Attempt every due pending send; return the job ids with a send that reached sent/failed."""
-        with self._running:
-            now = now or datetime.now(timezone.utc)
-            with self.db.session() as session:
-                due = session.scalars(
-                    select(Send.id).where(Send.state == SendState.pending, Send.next_attempt_at <= now).order_by(Send.id)
-                ).all()
-            finished: list[int] = []
-            for send_id in due:
-                job_id, final = self._attempt(send_id, now)
-                if final and job_id not in finished:
-                    finished.append(job_id)
-            return finished
-
-    def _attempt(self, send_id: int, now: datetime) -> tuple[int, bool]:
-        with self.db.session() as session:
-            row = session.get(Send, send_id)
-            job_id, dest_name, files, attempts = row.job_id, row.destination, list(row.files), row.attempts
-        sending = self.config.sending
-        attempt_no = attempts + 1
-        error: str | None = None
-        report: SendReport | None = None
-        try:
-            dest = self.config.destination(dest_name)
-            report = send_files(
-                dest,
-                [Path(f) for f in files],
-                calling_ae=self.config.node.ae_title,
-                timeout_s=sending.connect_timeout_s,
-                tls=self.config.tls,
-                max_pdu=self.config.node.max_pdu,
-            )
-        except KeyError:
-            error = f"destination {dest_name!r} is not configured"
-        except SendFailed as exc:
-            error = str(exc)
-        except Exception as exc:  # a bug or OS error must not kill the queue; it is audited like a failure
-            error = f"{type(exc).__name__}: {exc}"
-        with self.db.session() as session:
-            row = session.get(Send, send_id)
-            row.attempts = attempt_no
-            if error is None:
-                row.state = SendState.sent
-                row.sent_at = datetime.now(timezone.utc)
-                row.last_status = f"attempt {attempt_no}: sent {report.sent} instances in {report.seconds:.2f} s"
-            elif attempt_no >= sending.max_attempts:
-                row.state = SendState.failed
-                row.last_status = f"attempt {attempt_no}: {error}; giving up after {attempt_no} attempts"
-            else:
-                delay = retry_delay(attempt_no, sending.initial_delay_s, sending.backoff, sending.max_delay_s)
-                row.next_attempt_at = now + timedelta(seconds=delay)
-                row.last_status = f"attempt {attempt_no}: {error}; next in {delay:.0f} s"
-            state = row.state
-        level = logging.INFO if error is None else logging.WARNING if state == SendState.pending else logging.ERROR
-        log_event(
-            log,
-            "send_attempt",
-            level,
-            job=job_id,
-            send=send_id,
-            destination=dest_name,
-            attempt=attempt_no,
-            state=state.value,
-            instances=report.sent if report else 0,
-            seconds=round(report.seconds, 3) if report else None,
-            error=error,
-        )
-        return job_id, state != SendState.pending
-
-    def job_send_state(self, job_id: int) -> Literal["pending", "sent", "failed"]:
-        """``failed`` if any send failed, ``sent`` when all are sent (or none exist), else ``pending``."""
-        with self.db.session() as session:
-            states = set(session.scalars(select(Send.state).where(Send.job_id == job_id)).all())
-        if SendState.failed in states:
-            return "failed"
-        if SendState.pending in states:
-            return "pending"
-        return "sent"
 
 
 def _collect(paths: Sequence[Path]) -> list[Path]:

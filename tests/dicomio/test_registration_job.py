@@ -16,7 +16,8 @@ from tests.e2e.dcmtk_peers import StoreSCPPeer
 
 def _ref(ds) -> SeriesRef:
     return SeriesRef(series_uid=ds.SeriesInstanceUID, study_uid=ds.StudyInstanceUID, modality=ds.Modality,
-                     patient_id=str(ds.PatientID), patient_name=str(ds.PatientName), birth_date="",
+                     patient_id=str(ds.PatientID), patient_name=str(ds.PatientName),
+                     birth_date=str(ds.get("PatientBirthDate", "")),
                      study_date=str(ds.get("StudyDate", "")), frame_of_reference_uid=ds.FrameOfReferenceUID,
                      calling_ae="MODALITY1")
 

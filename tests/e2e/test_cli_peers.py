@@ -60,8 +60,9 @@ def test_demo_synthetic_round_trip_through_orthanc(tmp_path):
     assert out.rstrip().endswith("[demo] stopped the node and Orthanc")
     demo = tmp_path / "var" / "demo"
     instances = {kind.name: sorted(kind.glob("*.dcm")) for kind in (demo / "instances").iterdir()}
-    assert {k: len(v) for k, v in instances.items()} == {"fused": 48, "heatmap": 1, "saliency": 1}
-    for png in ("fused_preview.png", "heatmap_preview.png"):
+    # The default method (chroma) writes the contribution map and no network saliency map.
+    assert {k: len(v) for k, v in instances.items()} == {"fused": 48, "heatmap": 1}
+    for png in ("fused_preview.png", "heatmap_preview.png", "fused_montage.png"):
         assert (demo / png).read_bytes()[:4] == b"\x89PNG"
     # What came back from the PACS is the node's output in the study that was sent.
     study_uid = pydicom.dcmread(sorted((demo / "input" / "CT").glob("*.dcm"))[0], stop_before_pixels=True).StudyInstanceUID

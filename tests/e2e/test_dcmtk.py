@@ -15,7 +15,8 @@ from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Association, Instance, Job, JobEvent, JobState, Send, SendState, Series
 from dicomnode.config import Destination, load_config
 from dicomnode.net.scp import StoreSCP
-from dicomnode.net.scu import SendQueue, send_files
+from dicomnode.net.scu import send_files
+from dicomnode.net.send_queue import SendQueue
 from dicomnode.store.spool import Spool
 
 pytestmark = pytest.mark.e2e

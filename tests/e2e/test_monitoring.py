@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from dicomnode.audit.models import Job, JobState
+from dicomnode.pipeline import series_number
 from dicomnode.config import load_config
 from dicomnode.node import Node
 from tests.conftest import free_port, require_tool
@@ -142,7 +143,7 @@ def test_audit_job_summary_of_the_real_run(real_run, capsys):
     assert main(["audit", "--database-url", real_run["url"], "--job", str(job.id)]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0] == f"job {job.id}: done  rule PT->CT  method network"
+    assert lines[0] == f"job {job.id}: done  rule PT->CT  method {job.method}" and job.method == "chroma"
     rows = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
     assert rows["fixed"][1:2] == ["CT"] and f"{len(study['CT'])}/?" in rows["fixed"] and SENDER in rows["fixed"]
     assert rows["moving"][1:2] == ["PT"] and f"{len(study['PT'])}/{len(study['PT'])}" in rows["moving"]
@@ -153,8 +154,8 @@ def test_audit_job_summary_of_the_real_run(real_run, capsys):
     assert float(stage[5]) == pytest.approx(job.registration["stages"][0]["seconds"], abs=0.051)
     # One row per output series: kind, instance count, series number, description (from the files).
     fused = rows["fused"]
-    assert fused[1:3] == [str(len(study["CT"])), "9001"] and "FUSED" in text
-    assert rows["heatmap"][1:3] == ["1", "9002"]
+    assert fused[1:3] == [str(len(study["CT"])), str(series_number(job.id, "fused"))] and "PET on CT fusion" in text
+    assert rows["heatmap"][1:3] == ["1", str(series_number(job.id, "heatmap"))]
     assert sum(line.split()[:1] == ["back"] and "sent" in line.split() for line in lines) == len(job.outputs["series"])
     assert {"MI", "SSIM"} <= set(rows) and "timings (s): " in text and "register=" in text
     # Readable: no raw dictionaries, no file paths, no line a terminal must wrap many times.

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from sqlalchemy import select
 
 from dicomnode.audit.models import Job, JobState
-from dicomnode.config import load_config
+from dicomnode.config import FusionConfig, load_config
 from dicomnode.dicomio.validate import find_dciodvfy, validate_file
 from dicomnode.node import Node
 from dicomnode.testing.deform import score
@@ -109,7 +109,9 @@ def test_node_registers_mr_onto_ct_and_sends_the_displacement_map(tmp_path, shar
     assert job.registration["skipped_reason"] is None and job.registration["deformable"] is True
     assert [s["name"] for s in job.registration["stages"] if s["kept"]] == ["rigid", "affine", "deformable"]
     received = received_by_kind(job, files)
-    assert len(files) == expected and set(received) == {"fused", "heatmap", "displacement"}
+    # The registration goes out as DICOM too: the matrix and the kept B-spline's deformation grid.
+    assert len(files) == expected and set(received) == {"fused", "heatmap", "displacement", "registration",
+                                                        "deformable_registration"}
     assert len(received["fused"]) == len(study["CT"]) and len(received["displacement"]) == 1
     (pm,) = received["displacement"]
     assert pm.ContentLabel == "DISPLACEMENT" and int(pm.NumberOfFrames) == len(study["CT"])
@@ -150,9 +152,10 @@ def test_node_fuses_nm_onto_mr(tmp_path):
             files = wait_for_files(peer, expected, 60)
         finally:
             node.stop()
-    assert job.rule == "NM->MR" and job.method == "network"
+    assert job.rule == "NM->MR" and job.method == FusionConfig().default_method == "chroma"
     assert job.registration["skipped_reason"] == "same FrameOfReferenceUID"
     received = received_by_kind(job, files)
-    assert len(files) == expected and set(received) == {"fused", "heatmap", "saliency"}
+    # chroma (CT or MR as brightness, the moving image as colour) has no network saliency map.
+    assert len(files) == expected and set(received) == {"fused", "heatmap"}
     assert len(received["fused"]) == len(study["MR"])
     check_conform(received)

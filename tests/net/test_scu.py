@@ -1,20 +1,21 @@
-"""send_files and SendQueue against the node's own StoreSCP on 127.0.0.1 (no external tools needed)."""
+"""send_files against the node's own StoreSCP and scripted pynetdicom SCPs on 127.0.0.1 (no external tools)."""
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime, timedelta, timezone
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from dicomnode.audit.db import AuditDB
-from dicomnode.audit.models import Instance, Job, Send, SendState
-from dicomnode.config import Destination, load_config
-from dicomnode.net.scu import SendFailed, SendQueue, retry_delay, send_files
+from dicomnode.audit.models import Instance
+from dicomnode.config import Destination
+from dicomnode.net import scu
+from dicomnode.net.scu import SendFailed, send_files
 
-from tests.net.conftest import free_port, make_ct, start_node
+from tests.net.conftest import free_port, make_ct
+from tests.net.scripted_scp import ScriptedSCP
 
 
 def write_series(folder: Path, count: int, **kwargs) -> list[Path]:
@@ -58,77 +59,87 @@ def test_send_files_raises_when_no_peer(tmp_path):
         send_files(Destination(name="x", ae_title="NOBODY", host="127.0.0.1", port=free_port()), files, calling_ae="S", timeout_s=3)
 
 
-def test_retry_delay_is_bounded_exponential():
-    assert [retry_delay(n, 5, 2, 30) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
+def scripted_dest(peer: ScriptedSCP) -> Destination:
+    return Destination(name="peer", ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
 
 
-def _queue_setup(tmp_path: Path, port: int, max_attempts: int = 5):
-    config = load_config(
-        None,
-        {
-            "destinations": [{"name": "pacs", "ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port}],
-            "sending": {"max_attempts": max_attempts, "initial_delay_s": 10, "backoff": 2, "max_delay_s": 60, "connect_timeout_s": 3},
-        },
-    )
-    db = AuditDB.open(f"sqlite:///{tmp_path / 'sender.db'}")
-    with db.session() as s:
-        job = Job(rule="PT->CT", fixed_series_uid="1", moving_series_uid="2", study_uid="3", method="alpha")
-        s.add(job)
-        s.flush()
-        job_id = job.id
-    return config, db, job_id
+def test_send_files_counts_warning_statuses_as_stored(tmp_path):
+    """0xB000/0xB006/0xB007 mean the peer stored the instance (PS3.4 B.2.3): delivered, not retried."""
+    files = write_series(tmp_path / "out", 4)
+    answers = [0xB000, 0xB006, 0xB007, 0x0000]
+    seen: list[tuple[int, int]] = []
+    with ScriptedSCP(lambda n, uid: answers[n]) as peer:
+        report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=10,
+                            on_stored=lambda index, uid, status: seen.append((index, status)))
+    assert report.sent == 4 and list(report.statuses.values()) == answers
+    assert seen == list(enumerate(answers))
+    assert sorted(peer.counts().values()) == [1, 1, 1, 1]
 
 
-def test_queue_backs_off_then_sends_once_after_restart(tmp_path, caplog):
-    caplog.set_level(logging.INFO)
-    port = free_port()
-    config, db, job_id = _queue_setup(tmp_path, port)
+@pytest.mark.parametrize("status", [0xA700, 0xA900, 0xC000])
+def test_send_files_stops_at_a_failure_status(tmp_path, status):
+    """A failure status is not delivered: the send fails there and nothing after it is sent."""
+    files = write_series(tmp_path / "out", 4)
+    seen: list[int] = []
+    with ScriptedSCP(lambda n, uid: status if n == 1 else 0x0000) as peer:
+        with pytest.raises(SendFailed, match=f"0x{status:04X} for 002.dcm"):
+            send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=10,
+                       on_stored=lambda index, uid, s: seen.append(index))
+    assert seen == [0] and peer.requests == 2 and len(peer.stored) == 1
+
+
+def test_send_files_response_wait_is_not_the_connect_timeout(tmp_path):
+    """A peer slower to answer than the connect timeout still gets the whole series once."""
     files = write_series(tmp_path / "out", 3)
-    queue = SendQueue(db, config)
-    queue.enqueue(job_id, "1.2.3", "pacs", files)
-    queue.enqueue(job_id, "1.2.3", "pacs", files)  # idempotent
-    t0 = datetime.now(timezone.utc)
-    assert queue.run_due(t0) == []  # nobody listens: attempt 1 fails
-    assert queue.run_due(t0 + timedelta(seconds=5)) == []  # not due yet (10 s delay): no attempt
-    assert queue.run_due(t0 + timedelta(seconds=11)) == []  # attempt 2 fails, next in 20 s
-    with db.session() as s:
-        row = s.scalars(select(Send)).one()
-        assert (row.state, row.attempts) == (SendState.pending, 2)
-        assert row.next_attempt_at == t0 + timedelta(seconds=31)
-        assert "attempt 2" in row.last_status and "next in 20 s" in row.last_status
-    assert queue.job_send_state(job_id) == "pending"
-    assert len([r for r in caplog.records if "event=send_attempt" in r.getMessage()]) == 2
-
-    receiver = start_node(tmp_path / "receiver", node={"port": port})
-    try:
-        restarted = SendQueue(db, config)  # a new process would build a new queue on the same DB
-        assert restarted.run_due(t0 + timedelta(seconds=40)) == [job_id]
-        assert restarted.run_due(t0 + timedelta(hours=1)) == []
-        assert restarted.job_send_state(job_id) == "sent"
-        with receiver.db.session() as s:
-            assert s.scalar(select(func.count()).select_from(Instance)) == 3
-        assert len(receiver.nudges) == 3  # each instance arrived exactly once
-        with db.session() as s:
-            row = s.scalars(select(Send)).one()
-            assert (row.state, row.attempts) == (SendState.sent, 3) and row.sent_at is not None
-    finally:
-        receiver.scp.stop()
-        receiver.db.close()
-        db.close()
+    with ScriptedSCP(lambda n, uid: (time.sleep(6), 0x0000)[1] if n == 1 else 0x0000) as peer:
+        report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=3, response_timeout_s=30)
+    assert report.sent == 3 and sorted(peer.counts().values()) == [1, 1, 1]
 
 
-def test_queue_gives_up_after_max_attempts(tmp_path):
-    config, db, job_id = _queue_setup(tmp_path, free_port(), max_attempts=2)
-    queue = SendQueue(db, config)
-    queue.enqueue(job_id, "1.2.3", "pacs", write_series(tmp_path / "out", 1))
-    queue.enqueue(job_id, "1.2.4", "elsewhere", [])  # a destination that is not configured
-    t0 = datetime.now(timezone.utc)
-    assert queue.run_due(t0) == []
-    assert sorted(queue.run_due(t0 + timedelta(minutes=5))) == [job_id]
-    assert queue.job_send_state(job_id) == "failed"
-    with db.session() as s:
-        rows = s.scalars(select(Send).order_by(Send.id)).all()
-    assert [r.state for r in rows] == [SendState.failed, SendState.failed]
-    assert "giving up after 2 attempts" in rows[0].last_status
-    assert "not configured" in rows[1].last_status
-    db.close()
+class LateReactor(threading.Event):
+    """pynetdicom's reactor checkpoint, with the reactor thread descheduled (as under CPU load)
+    after it passes the checkpoint until a response is on the DIMSE queue."""
+
+    def __init__(self, assoc):
+        super().__init__()
+        self.set()
+        self.assoc = assoc
+
+    def wait(self, timeout=None):
+        passed = super().wait(timeout)
+        if threading.current_thread() is self.assoc:  # the reactor runs on the association's thread
+            deadline = time.monotonic() + 0.5
+            while not self.assoc.dimse.msg_queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.0002)
+        return passed
+
+
+def _late_reactor(monkeypatch, keep_responses: bool) -> None:
+    original = scu._keep_responses_for_the_sender
+
+    def install(assoc):
+        assoc._reactor_checkpoint = LateReactor(assoc)
+        if keep_responses:
+            original(assoc)
+
+    monkeypatch.setattr(scu, "_keep_responses_for_the_sender", install)
+
+
+def test_a_response_the_reactor_takes_still_reaches_the_sender(tmp_path, monkeypatch):
+    """Issue 16 item 5: under load pynetdicom's reactor took C-STORE responses; the send timed out and resent."""
+    files = write_series(tmp_path / "out", 10)
+    _late_reactor(monkeypatch, keep_responses=True)
+    with ScriptedSCP(lambda n, uid: (time.sleep(0.02), 0x0000)[1]) as peer:
+        report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=5)
+    assert report.sent == 10 and peer.requests == 10 and sorted(peer.counts().values()) == [1] * 10
+
+
+def test_pynetdicom_still_drops_responses_without_the_workaround(tmp_path, monkeypatch, caplog):
+    """The library race itself: when this fails after a pynetdicom upgrade, the workaround can go."""
+    files = write_series(tmp_path / "out", 10)
+    _late_reactor(monkeypatch, keep_responses=False)
+    with ScriptedSCP(lambda n, uid: (time.sleep(0.02), 0x0000)[1]) as peer:
+        with pytest.raises(SendFailed, match="no C-STORE response"):
+            send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=3)
+    assert "Received unexpected C-STORE service message" in caplog.text
+    assert len(peer.stored) == peer.requests  # the peer stored the instance whose answer was dropped
