@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Send, SendState
+from dicomnode.log import event
 from dicomnode.routing import Pairing
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,7 @@ def transition(session: Session, job: Job, to: JobState, detail: str | None = No
     session.add(JobEvent(job_id=job.id, at=now, from_state=current and current.value, to_state=to.value, detail=detail))
     session.flush()
     level = logging.WARNING if to is JobState.failed else logging.INFO
-    log.log(level, "event=job_state job_id=%s from=%s to=%s detail=%s", job.id, current and current.value, to.value,
-            _quote(detail))
-
-
-def _quote(text: str | None) -> str:
-    return '""' if not text else '"' + text.replace('"', "'") + '"'
+    event(log, "job_state", level, job_id=job.id, **{"from": current and current.value}, to=to.value, detail=detail)
 
 
 def create_job(session: Session, pairing: Pairing, method: str) -> Job | None:

@@ -24,6 +24,7 @@ from dicomnode.audit.models import SeriesState
 from dicomnode.audit.retention import mark_purged_instances, purge_audit
 from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.jobs import create_job, settle_sending_jobs
+from dicomnode.log import event
 from dicomnode.routing import find_pairings, record_refusal
 from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
 from dicomnode.store.spool import Spool
@@ -127,8 +128,8 @@ class Node:
             except Exception as exc:
                 self.stop()
                 raise StartupError(str(exc)) from exc
-        log.info("event=node_started ae_title=%s host=%s port=%d requeued=%d resent=%d", self.config.node.ae_title,
-                 self.config.node.host, self.config.node.port, counts["requeued"], counts["resend"])
+        event(log, "node_started", ae_title=self.config.node.ae_title, host=self.config.node.host,
+              port=self.config.node.port, requeued=counts["requeued"], resent=counts["resend"])
 
     def clean_leftovers(self) -> None:
         """Before anything writes: drop temporary files and the outbox of jobs that will run again.
@@ -146,7 +147,7 @@ class Node:
             keep = set(session.scalars(select(Job.id).where(or_(
                 Job.state.in_(wanted), (Job.state == JobState.processing) & (Job.lease_expires_at > now)))).all())
         report = self.spool.clean_leftovers(keep, tmp_older_than_s=self.config.worker.lease_s)
-        log.info("event=spool_leftovers_removed tmp_files=%d outbox_files=%d", report.tmp_files, report.outbox_files)
+        event(log, "spool_leftovers_removed", tmp_files=report.tmp_files, outbox_files=report.outbox_files)
 
     def stop(self) -> None:
         """Stop accepting, finish the job in hand, end sends after their current instance, stop timers."""
@@ -162,7 +163,7 @@ class Node:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
         self.db.close()
-        log.info("event=node_stopped ae_title=%s", self.config.node.ae_title)
+        event(log, "node_stopped", ae_title=self.config.node.ae_title)
 
     def __enter__(self) -> Node:
         self.start()
@@ -193,7 +194,7 @@ class Node:
                 complete_if_expected(session, series_uid, self.config.completion,
                                      on_complete=lambda s, c: new_jobs.extend(self._pair(s, c)))
         except Exception:  # the instance is stored already; the timer will retry the check
-            log.exception("event=completion_check_error series_uid=%s", series_uid)
+            event(log, "completion_check_error", logging.ERROR, exc_info=True, series_uid=series_uid)
             return
         self._submit(new_jobs)
 
@@ -242,8 +243,8 @@ class Node:
         with self.db.session() as session:
             report = purge_audit(session, days)
         if report.rows:
-            log.info("event=audit_purge days=%d jobs=%d series=%d instances=%d rejections=%d associations=%d",
-                     days, report.jobs, report.series, report.instances, report.rejections, report.associations)
+            event(log, "audit_purge", days=days, jobs=report.jobs, series=report.series, instances=report.instances,
+                  rejections=report.rejections, associations=report.associations)
 
     def purge_spool(self) -> None:
         """Delete spool files older than ``retention.spool_days`` (received, quarantined and sent).
@@ -255,8 +256,7 @@ class Node:
         with self.db.session() as session:
             marked = mark_purged_instances(session, days)
         if report.files or marked:
-            log.info("event=retention_purge days=%d files=%d bytes=%d instances_marked=%d", days, report.files,
-                     report.bytes, marked)
+            event(log, "retention_purge", days=days, files=report.files, bytes=report.bytes, instances_marked=marked)
 
 
 def serve_command(args) -> int:
@@ -274,13 +274,13 @@ def serve_command(args) -> int:
         node = Node(config)
         node.start()
     except Exception as exc:
-        log.error("event=start_failed error=%r", str(exc))
+        event(log, "start_failed", logging.ERROR, error=str(exc))
         print(f"dicomnode: cannot start: {exc}", file=sys.stderr)
         return 1
     stopping = threading.Event()
 
     def _stop(signum, _frame):
-        log.info("event=signal signal=%s", signal.Signals(signum).name)
+        event(log, "signal", signal=signal.Signals(signum).name)
         stopping.set()
 
     signal.signal(signal.SIGTERM, _stop)

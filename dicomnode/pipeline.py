@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Config, PairingRule
 from dicomnode.domain import FUNCTIONAL, READER_NAMES, luma, series_number
+from dicomnode.log import event
 
 if TYPE_CHECKING:
     from dicomnode.routing import SeriesRef
@@ -231,7 +232,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         if bar is not None:
             burn_in(rgb, bar[0], bar[1])
         else:
-            log.info("event=colour_bar_omitted job_id=%s reason=no_body_free_margin", inputs.job_id)
+            event(log, "colour_bar_omitted", job_id=inputs.job_id, reason="no_body_free_margin")
         scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality, fixed_range,
                            None if bar is None else bar[2])
         derivation = (
@@ -266,8 +267,8 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
             fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm,
             series_numbers={k: series_number(inputs.job_id, k) for k in ("registration", "deformable_registration")})]
-    log.info("event=job_processed job_id=%s method=%s slices=%d outputs=%d seconds=%.2f", inputs.job_id,
-             result.method, rgb.shape[0], len(series), sum(watch.seconds.values()))
+    event(log, "job_processed", job_id=inputs.job_id, method=result.method, slices=rgb.shape[0], outputs=len(series),
+          seconds=round(sum(watch.seconds.values()), 2))
     return ProcessingOutput(
         series=series,
         timings={**watch.seconds, "total_s": round(sum(watch.seconds.values()), 4)},

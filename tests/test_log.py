@@ -104,3 +104,38 @@ def test_admin_guide_log_lines_are_lines_the_node_writes():
         source = (REPO / (logger_name.replace(".", "/") + ".py")).read_text()
         assert f'"event={name} ' in source or f'"{name}"' in source, line
         assert name != "instance_stored", line
+
+
+def test_every_event_goes_through_the_one_helper():
+    # A hand-written "event=..." message has no structured fields, so JSON lines would lose them.
+    import re
+
+    from tests.conftest import REPO
+
+    written = []
+    for path in sorted((REPO / "dicomnode").rglob("*.py")):
+        if path.name == "log.py" and path.parent.name == "dicomnode":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"""["']event=""", line):
+                written.append(f"{path.relative_to(REPO)}:{number}")
+    assert written == []
+
+
+def test_an_event_with_its_exception_keeps_fields_and_traceback_in_both_formats(capsys):
+    logger = logging.getLogger("dicomnode.test.exc")
+    for fmt in ("kv", "json"):
+        setup_logging(LoggingConfig(format=fmt, level="INFO"))
+        try:
+            raise OSError("disk gone")
+        except OSError:
+            event(logger, "send_worker_error", logging.ERROR, exc_info=True, destination="pacs")
+        line = capsys.readouterr().err.strip().splitlines()
+        assert len(line) == 1, line  # one line per event, traceback folded in
+        if fmt == "json":
+            record = json.loads(line[0])
+            assert record["event"] == "send_worker_error" and record["destination"] == "pacs"
+            assert "OSError: disk gone" in record["exc"]
+        else:
+            assert "event=send_worker_error destination=pacs exc=" in line[0] and "OSError: disk gone" in line[0]
+    setup_logging(LoggingConfig())

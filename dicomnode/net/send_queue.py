@@ -117,7 +117,7 @@ class SendQueue:
                     self.on_final(finished)
                 wait = self._seconds_to_next_due(destination)
             except Exception:  # the database may be down for a while: keep the worker, try again later
-                log.exception("event=send_worker_error destination=%s", destination)
+                log_event(log, "send_worker_error", logging.ERROR, exc_info=True, destination=destination)
                 wait = POLL_S
             wake.wait(wait)
             wake.clear()
