@@ -1,7 +1,8 @@
 """Command line: serve | worker | demo | send | register | fuse | train | metrics | bench | audit | resend | check-config.
 
-Each command's work lives in the module named beside it; this file only parses arguments, so
-``dicomnode --help`` stays fast (heavy imports happen in the command that needs them).
+Every handler lives in ``dicomnode.commands`` (a module per command group); this file only
+parses arguments and dispatches, so ``dicomnode --help`` stays fast (heavy imports happen in the
+command that needs them).
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from dicomnode.domain import MODALITIES
 
 # command -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
-    "serve": "dicomnode.node:serve_command",
+    "serve": "dicomnode.commands.node:serve_command",
     "worker": "dicomnode.commands.node:worker_command",
     "demo": "dicomnode.commands.demo:demo_command",
-    "send": "dicomnode.net.scu:send_command",
+    "send": "dicomnode.commands.send:send_command",
     "register": "dicomnode.commands.register:register_command",
     "fuse": "dicomnode.commands.fuse:fuse_command",
     "train": "dicomnode.commands.lab:train_command",
     "metrics": "dicomnode.commands.metrics:metrics_command",
     "bench": "dicomnode.commands.lab:bench_command",
     "audit": "dicomnode.commands.audit:audit_command",
-    "resend": "dicomnode.jobs:resend_command",
-    "check-config": "dicomnode.node:check_config_command",
+    "resend": "dicomnode.commands.send:resend_command",
+    "check-config": "dicomnode.commands.node:check_config_command",
 }
 
 

@@ -11,7 +11,6 @@ queue, and a job is ``done`` once every send of it is ``sent``.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +18,6 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Send, SendState
 from dicomnode.log import event
 from dicomnode.routing import Pairing
@@ -157,27 +155,3 @@ def requeue_failed_sends(session: Session, job_ids: list[int] | None = None) -> 
         if job_id not in found:
             out.refused[job_id] = "no such job"
     return out
-
-
-def resend_command(args) -> int:
-    """``dicomnode resend (--job N ... | --all-failed)``: requeue failed sends; a running node sends them."""
-    from dicomnode.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    db = AuditDB.open(args.database_url or config.storage.database_url)
-    try:
-        with db.session() as session:
-            report = requeue_failed_sends(session, None if args.all_failed else list(args.job))
-    finally:
-        db.close()
-    for job_id, n in report.jobs.items():
-        print(f"job {job_id}: {n} send(s) requeued")
-    for job_id, why in report.refused.items():
-        print(f"job {job_id}: not requeued: {why}", file=sys.stderr)
-    if not report.jobs and not report.refused:
-        print("no failed job has failed sends")
-    return 1 if report.refused else 0

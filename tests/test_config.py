@@ -122,6 +122,6 @@ def test_fixed_equals_moving_is_refused():
 def test_check_config_command(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nport = 0\n")
-    assert main(["check-config", str(bad)]) == 1
-    assert "node.port" in capsys.readouterr().out
+    assert main(["check-config", str(bad)]) == 2
+    assert f"{bad}: node.port" in capsys.readouterr().err
     assert main(["check-config", str(EXAMPLE)]) == 0

@@ -192,32 +192,3 @@ def send_files(
 def _sop_class_name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
-
-
-def _collect(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
-        else:
-            files.append(path)
-    return files
-
-
-def send_command(args) -> int:
-    """``dicomnode send PATHS --host --port --ae --calling-ae``: C-STORE files and folders."""
-    files = _collect(args.paths)
-    dest = Destination(name="cli", ae_title=args.ae, host=args.host, port=args.port)
-    try:
-        report = send_files(dest, files, calling_ae=args.calling_ae, timeout_s=30.0, skip_refused=True)
-    except SendFailed as exc:
-        print(f"send failed: {exc}")
-        return 1
-    for path, why in report.skipped:
-        print(f"skipped {path}: {why}")
-    rate = report.sent / report.seconds if report.seconds > 0 else 0.0
-    print(f"sent {report.sent} instances to {args.ae}@{args.host}:{args.port} in {report.seconds:.2f} s ({rate:.0f}/s)")
-    if report.skipped:
-        print(f"{len(report.skipped)} files skipped: the peer refused them")
-        return 2
-    return 0

@@ -37,8 +37,8 @@ def check_config(tmp_path: Path, spool_days: int) -> subprocess.CompletedProcess
 
 def test_check_config_refuses_spool_retention_shorter_than_a_patient_pairing_window(tmp_path):
     refused = check_config(tmp_path, 7)
-    assert refused.returncode == 1, refused.stdout
-    assert "spool_days = 7" in refused.stdout and "MR on CT" in refused.stdout and "at least 31" in refused.stdout
+    assert refused.returncode == 2, refused.stderr
+    assert "spool_days = 7" in refused.stderr and "MR on CT" in refused.stderr and "at least 31" in refused.stderr
     for days in (31, 0):  # long enough, or forever
         accepted = check_config(tmp_path, days)
         assert accepted.returncode == 0, accepted.stdout
