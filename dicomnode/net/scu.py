@@ -19,13 +19,12 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicomnode.config import Destination, TLSConfig
 
 log = logging.getLogger(__name__)
 
-# Warning statuses (PS3.4 B.2.3): the peer stored the instance, possibly with coercion.
-_STORED_WITH_WARNING = {0xB000, 0xB006, 0xB007}
 _MAX_CONTEXTS = 128
 
 
@@ -120,7 +119,7 @@ def send_files(
     with a failure status, is listed in ``SendReport.skipped`` and the send goes on.
 
     Presentation contexts are the files' own (SOP class, transfer syntax) pairs, so files are sent
-    as stored, never transcoded. Warning statuses (0xB000/B006/B007) count as stored.
+    as stored, never transcoded. Warning statuses (0xB000/B006/B007, any PS3.7 warning) count as stored.
     ``tls``: CA and client certificate used when ``dest.tls`` is set; ``timeout_s`` bounds connect
     and association negotiation, ``response_timeout_s`` (default ``timeout_s``) each C-STORE
     response. ``on_stored(index, sop_instance_uid, status)`` runs after each stored instance;
@@ -171,9 +170,9 @@ def send_files(
             statuses[sop_uid] = status
             if status == -1:
                 raise SendFailed(f"no C-STORE response from {dest.ae_title} for {path.name} (timeout or abort)")
-            if status != 0x0000 and status not in _STORED_WITH_WARNING:
+            if not stored(status):
                 comment = str(getattr(status_ds, "ErrorComment", "") or "")
-                refusal = f"{dest.ae_title} answered 0x{status:04X} for {path.name} {comment}".rstrip()
+                refusal = f"{dest.ae_title} answered 0x{status:04X} ({status_meaning(status)}) for {path.name} {comment}".rstrip()
                 if not skip_refused:
                     raise SendFailed(refusal)
                 skipped.append((path, refusal))
@@ -187,6 +186,17 @@ def send_files(
         assoc.abort()
         raise
     return SendReport(dest.name, len(entries) - len(skipped), time.perf_counter() - started, statuses, tuple(skipped))
+
+
+def stored(status: int) -> bool:
+    """The peer stored the instance: a Success or Warning status (PS3.4 B.2.3, PS3.7 C), by pynetdicom's table."""
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+def status_meaning(status: int) -> str:
+    """A C-STORE status as the standard names it, e.g. "Failure: Refused: Out of Resources"."""
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (code_to_category(status), ""))
+    return f"{category}: {meaning}" if meaning else category
 
 
 def _sop_class_name(uid: str) -> str:

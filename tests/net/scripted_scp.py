@@ -13,11 +13,11 @@ from collections import Counter
 from collections.abc import Callable
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from tests.conftest import free_port
 
 ABORT = -1
-STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 class ScriptedSCP:
@@ -39,7 +39,7 @@ class ScriptedSCP:
         if status == ABORT:
             event.assoc.abort()  # A-ABORT instead of a response: the instance is not stored
             return 0xA700  # never sent: the association is gone
-        if status in STORED:
+        if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING):
             with self._lock:
                 self.stored.append(uid)
         return status

@@ -76,13 +76,23 @@ def test_send_files_counts_warning_statuses_as_stored(tmp_path):
     assert sorted(peer.counts().values()) == [1, 1, 1, 1]
 
 
+def test_every_warning_status_counts_as_stored(tmp_path):
+    """Warnings beyond the three storage ones (PS3.7 C: 0x0001, 0x0107, 0x0116, 0xBxxx) mean stored too."""
+    files = write_series(tmp_path / "out", 4)
+    answers = [0x0001, 0x0107, 0x0116, 0xB0FF]
+    with ScriptedSCP(lambda n, uid: answers[n]) as peer:
+        report = send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=10)
+    assert report.sent == 4 and list(report.statuses.values()) == answers and report.skipped == ()
+    assert sorted(peer.counts().values()) == [1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("status", [0xA700, 0xA900, 0xC000])
 def test_send_files_stops_at_a_failure_status(tmp_path, status):
     """A failure status is not delivered: the send fails there and nothing after it is sent."""
     files = write_series(tmp_path / "out", 4)
     seen: list[int] = []
     with ScriptedSCP(lambda n, uid: status if n == 1 else 0x0000) as peer:
-        with pytest.raises(SendFailed, match=f"0x{status:04X} for 002.dcm"):
+        with pytest.raises(SendFailed, match=rf"0x{status:04X} \(Failure: [^)]+\) for 002.dcm"):
             send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=10,
                        on_stored=lambda index, uid, s: seen.append(index))
     assert seen == [0] and peer.requests == 2 and len(peer.stored) == 1

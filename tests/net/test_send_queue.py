@@ -244,7 +244,7 @@ def test_a_failure_status_is_retried_from_the_refused_instance(tmp_path):
         assert queue.run_due(t0) == []
         row = send_row(db)
         assert (row.state, row.acked_count) == (SendState.pending, 1)
-        assert "0xA700 for 002.dcm" in row.last_status and "next in 10 s" in row.last_status
+        assert "0xA700 (Failure: Refused: Out of Resources) for 002.dcm" in row.last_status and "next in 10 s" in row.last_status
         assert queue.run_due(t0 + timedelta(seconds=11)) == [job_id]
     assert (send_row(db).state, send_row(db).acked_count) == (SendState.sent, 3)
     assert peer.requests == 4 and sorted(peer.counts().values()) == [1, 1, 1]

@@ -96,3 +96,17 @@ def test_header_read_sees_a_cut_stream_and_missing_pixels():
 
 def test_compressed_syntaxes_are_left_to_the_full_decode():
     assert read_header(b"\x00" * 16, JPEGBaseline8Bit) is None
+
+
+def test_every_status_the_node_refuses_with_is_a_storage_failure():
+    # The node names the statuses it chooses; their meaning is pynetdicom's table (PS3.4 B.2.3),
+    # and a refusal must never be a warning status (a warning tells the sender it was stored).
+    from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STORAGE_SERVICE_CLASS_STATUS
+
+    from dicomnode.net import validate
+
+    chosen = {name: code for name, code in vars(validate).items() if name.startswith("STATUS_")}
+    assert chosen.pop("STATUS_SUCCESS") == 0x0000 and STORAGE_SERVICE_CLASS_STATUS[0x0000][0] == STATUS_SUCCESS
+    assert chosen, "no refusal statuses found"
+    for name, code in chosen.items():
+        assert STORAGE_SERVICE_CLASS_STATUS[code][0] == STATUS_FAILURE, (name, hex(code))
