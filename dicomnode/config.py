@@ -318,6 +318,10 @@ class SendingConfig(_Section):
     backoff: float = Field(2.0, ge=1.0)
     connect_timeout_s: float = Field(15.0, gt=0)
     response_timeout_s: float = Field(60.0, gt=0)
+    poll_s: float = Field(2.0, gt=0, description="longest a destination's sender sleeps between looks at its due sends")
+    # A crash re-sends at most this many seconds' worth of acknowledged instances; one commit per
+    # instance halved the send rate on SQLite.
+    ack_commit_every_s: float = Field(0.25, ge=0, description="how often acknowledgements are committed mid-series")
 
 
 class RetentionConfig(_Section):
@@ -325,6 +329,14 @@ class RetentionConfig(_Section):
 
     spool_days: int = Field(7, ge=0)
     audit_days: int = Field(0, ge=0)
+    every_h: float = Field(6.0, gt=0, description="hours between two purges")
+
+
+class OutputConfig(_Section):
+    """The derived series: numbered series_number_base + 10 x job id + the kind's offset
+    (``dicomnode.domain.SERIES_OFFSETS``), so two jobs of one study never share a number."""
+
+    series_number_base: int = Field(9000, ge=0, le=2**31 - 10**9, description="room for a billion jobs in IS")
 
 
 class HttpConfig(_Section):
@@ -359,6 +371,7 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     sending: SendingConfig = SendingConfig()
     retention: RetentionConfig = RetentionConfig()
+    output: OutputConfig = OutputConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -21,9 +21,8 @@ READER_NAMES = {"PT": "PET", "NM": "SPECT", "MR": "MR", "CT": "CT"}
 # ITU-R BT.601 luma weights (R, G, B): every grey image the node derives from colour uses them.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
-# Derived series are numbered 9000 + 10 * job id + the kind's offset, so two jobs of one study
-# (PT->CT and MR->CT) never share a number and a re-processed or re-sent job keeps its own.
-SERIES_NUMBER_BASE = 9000
+# Derived series are numbered base + 10 * job id + the kind's offset (base: output.series_number_base),
+# so two jobs of one study (PT->CT and MR->CT) never share a number and a re-sent job keeps its own.
 SERIES_OFFSETS = {"fused": 1, "heatmap": 2, "saliency": 3, "displacement": 4, "registration": 5,
                   "deformable_registration": 6}
 
@@ -39,6 +38,6 @@ def luma(r, g, b):
     return wr * r + wg * g + wb * b
 
 
-def series_number(job_id: int, kind: str) -> int:
-    """The SeriesNumber of one derived series of one job (IS: fits 2**31 - 1 up to job 2e8)."""
-    return SERIES_NUMBER_BASE + 10 * int(job_id) + SERIES_OFFSETS[kind]
+def series_number(job_id: int, kind: str, base: int) -> int:
+    """The SeriesNumber of one derived series of one job; ``base`` is ``output.series_number_base``."""
+    return base + 10 * int(job_id) + SERIES_OFFSETS[kind]

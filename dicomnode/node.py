@@ -31,7 +31,6 @@ from dicomnode.worker import JobWorker, ProcessFn, recover
 log = logging.getLogger(__name__)
 
 # How often retention runs (hours): spool files and audit rows go once older than their limit.
-RETENTION_EVERY_H = 6.0
 
 
 class StartupError(RuntimeError):
@@ -106,7 +105,7 @@ class Node:
                                 id="completion", next_run_time=now)
         if self.config.retention.spool_days > 0 or self.config.retention.audit_days > 0:
             # First run one interval after start, so jobs recovered at start use their inputs first.
-            self._scheduler.add_job(self.apply_retention, "interval", hours=RETENTION_EVERY_H, id="retention")
+            self._scheduler.add_job(self.apply_retention, "interval", hours=self.config.retention.every_h, id="retention")
         self._scheduler.start()
         self.settle_jobs()  # jobs whose last send finished just before a stop
         self.sends.start()

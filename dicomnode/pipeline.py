@@ -242,7 +242,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
             + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
         sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
-                                series_number=series_number(inputs.job_id, "fused"),
+                                series_number=series_number(inputs.job_id, "fused", cfg.output.series_number_base),
                                 series_description=reader_description(moving.modality, fixed.modality, moving_range))
         # (kind, values, HeatmapKind name for quantity + unit, content label, description)
         maps = [("heatmap", contribution, "contribution", "HEATMAP",
@@ -254,7 +254,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
         pms = [
             (kind, build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                        series_number=series_number(inputs.job_id, kind), series_description=description,
+                                        series_number=series_number(inputs.job_id, kind, cfg.output.series_number_base), series_description=description,
                                         sources=[fixed, moving], method=result.method))
             for kind, values, quantity, label, description in maps
         ]
@@ -266,7 +266,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
 
         series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
             fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm,
-            series_numbers={k: series_number(inputs.job_id, k) for k in ("registration", "deformable_registration")})]
+            series_numbers={k: series_number(inputs.job_id, k, cfg.output.series_number_base) for k in ("registration", "deformable_registration")})]
     event(log, "job_processed", job_id=inputs.job_id, method=result.method, slices=rgb.shape[0], outputs=len(series),
           seconds=round(sum(watch.seconds.values()), 2))
     return ProcessingOutput(

@@ -169,3 +169,11 @@ def test_relative_spool_dir_is_recorded_absolute(tmp_path, monkeypatch):
     node = Node(cfg, process=lambda inputs: None)
     node.db.close()
     assert node.spool.root == tmp_path / "var" / "spool" and node.spool.root.is_absolute()
+
+
+def test_retention_runs_at_the_configured_interval(tmp_path):
+    # retention.every_h (default 6): the purge timer of a started node uses it.
+    config = load_config(write_config(tmp_path, free_port()), {"retention": {"every_h": 0.5}})
+    with Node(config) as node:
+        trigger = node._scheduler.get_job("retention").trigger
+        assert trigger.interval.total_seconds() == 0.5 * 3600

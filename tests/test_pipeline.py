@@ -28,8 +28,8 @@ def _ref(files: list[Path]) -> SeriesRef:
                      study_date=ds.StudyDate, frame_of_reference_uid=ds.FrameOfReferenceUID, calling_ae="PEER")
 
 
-def run_job(tmp: Path, paths: dict[str, list[Path]], job_id: int, moving: str, method: str):
-    config = Config(registration={"mode": "never"})
+def run_job(tmp: Path, paths: dict[str, list[Path]], job_id: int, moving: str, method: str, **sections):
+    config = Config(registration={"mode": "never"}, **sections)
     inputs = JobInputs(job_id=job_id, rule=PairingRule(fixed="CT", moving=moving), method=method,
                        fixed=_ref(paths["CT"]), moving=_ref(paths[moving]), fixed_files=paths["CT"],
                        moving_files=paths[moving], config=config, spool=Spool(tmp / "spool"))
@@ -114,6 +114,14 @@ def test_two_jobs_of_one_study_get_distinct_series_numbers(pet_job, mr_job):
         for series in output.series:
             numbers.append(int(pydicom.dcmread(series.files[0], stop_before_pixels=True).SeriesNumber))
     assert len(numbers) == len(set(numbers)), numbers
+
+
+def test_series_numbers_start_at_the_configured_base(study):
+    # output.series_number_base (default 9000): base + 10 x job id + the kind's offset.
+    tmp, paths = study
+    out = run_job(tmp, paths, 3, "MR", "average", output={"series_number_base": 500})
+    numbers = {s.kind: int(pydicom.dcmread(s.files[0], stop_before_pixels=True).SeriesNumber) for s in out.series}
+    assert numbers == {"fused": 531, "heatmap": 532}
 
 
 def test_every_source_series_is_referenced_with_its_equipment(study, pet_job):

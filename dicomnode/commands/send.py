@@ -21,13 +21,15 @@ def _collect(paths: Sequence[Path]) -> list[Path]:
 
 def send_command(args) -> int:
     """``dicomnode send PATHS --host --port --ae --calling-ae``: C-STORE files and folders."""
-    from dicomnode.config import Destination
+    from dicomnode.config import Destination, SendingConfig
     from dicomnode.net.scu import SendFailed, send_files
 
+    timeouts = SendingConfig()  # the node's own defaults
     files = _collect(args.paths)
     dest = Destination(name="cli", ae_title=args.ae, host=args.host, port=args.port)
     try:
-        report = send_files(dest, files, calling_ae=args.calling_ae, timeout_s=30.0, skip_refused=True)
+        report = send_files(dest, files, calling_ae=args.calling_ae, timeout_s=timeouts.connect_timeout_s,
+                            response_timeout_s=timeouts.response_timeout_s, skip_refused=True)
     except SendFailed as exc:
         print(f"send failed: {exc}")
         return 1

@@ -21,7 +21,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from dicomnode.config import Destination, TLSConfig
+from dicomnode.config import Destination, NodeConfig, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def send_files(
     calling_ae: str,
     timeout_s: float,
     tls: TLSConfig | None = None,
-    max_pdu: int = 131072,
+    max_pdu: int = NodeConfig().max_pdu,
     skip_refused: bool = False,
     response_timeout_s: float | None = None,
     on_stored: Callable[[int, str, int], None] | None = None,

@@ -32,12 +32,6 @@ from dicomnode.net.scu import SendFailed, SendInterrupted, send_files
 
 log = logging.getLogger(__name__)
 
-# Longest a destination worker sleeps between looks at its due sends (a wake-up ends it sooner).
-POLL_S = 2.0
-# The acknowledged count is committed at most this often while a series is on the wire (and
-# always when an attempt ends): one commit per instance halved the send rate on SQLite here,
-# and a crash re-sends at most this many seconds' worth of instances.
-ACK_COMMIT_EVERY_S = 0.25
 
 
 def retry_delay(attempts: int, initial_s: float, backoff: float, max_s: float) -> float:
@@ -118,7 +112,7 @@ class SendQueue:
                 wait = self._seconds_to_next_due(destination)
             except Exception:  # the database may be down for a while: keep the worker, try again later
                 log_event(log, "send_worker_error", logging.ERROR, exc_info=True, destination=destination)
-                wait = POLL_S
+                wait = self.config.sending.poll_s
             wake.wait(wait)
             wake.clear()
 
@@ -128,9 +122,10 @@ class SendQueue:
                 select(Send.next_attempt_at).where(Send.state == SendState.pending, Send.destination == destination)
                 .order_by(Send.next_attempt_at).limit(1)
             )
+        poll_s = self.config.sending.poll_s  # a wake-up ends the sleep sooner
         if due is None:
-            return POLL_S
-        return min(POLL_S, max(0.05, (due - datetime.now(timezone.utc)).total_seconds()))
+            return poll_s
+        return min(poll_s, max(0.05, (due - datetime.now(timezone.utc)).total_seconds()))
 
     # -- the queue -------------------------------------------------------------------------
     def enqueue(self, job_id: int, series_uid: str, destination_name: str, files: Sequence[Path]) -> None:
@@ -206,7 +201,7 @@ class SendQueue:
             stored = index + 1
             if status:
                 warnings[status] += 1
-            if time.monotonic() - committed_at >= ACK_COMMIT_EVERY_S:  # a crash now resumes after it
+            if time.monotonic() - committed_at >= sending.ack_commit_every_s:  # a crash now resumes after it
                 with self.db.session() as session:
                     session.execute(update(Send).where(Send.id == send_id).values(acked_count=acked + stored))
                 committed_at = time.monotonic()

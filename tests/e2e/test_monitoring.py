@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from dicomnode.audit.models import Job, JobState
-from dicomnode.pipeline import series_number
+from dicomnode.domain import series_number
 from dicomnode.config import load_config
 from dicomnode.node import Node
 from tests.conftest import free_port, require_tool
@@ -154,8 +154,8 @@ def test_audit_job_summary_of_the_real_run(real_run, capsys):
     assert float(stage[5]) == pytest.approx(job.registration["stages"][0]["seconds"], abs=0.051)
     # One row per output series: kind, instance count, series number, description (from the files).
     fused = rows["fused"]
-    assert fused[1:3] == [str(len(study["CT"])), str(series_number(job.id, "fused"))] and "PET on CT fusion" in text
-    assert rows["heatmap"][1:3] == ["1", str(series_number(job.id, "heatmap"))]
+    assert fused[1:3] == [str(len(study["CT"])), str(series_number(job.id, "fused", 9000))] and "PET on CT fusion" in text
+    assert rows["heatmap"][1:3] == ["1", str(series_number(job.id, "heatmap", 9000))]
     assert sum(line.split()[:1] == ["back"] and "sent" in line.split() for line in lines) == len(job.outputs["series"])
     assert {"MI", "SSIM"} <= set(rows) and "timings (s): " in text and "register=" in text
     # Readable: no raw dictionaries, no file paths, no line a terminal must wrap many times.

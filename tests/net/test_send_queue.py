@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Instance, Job, JobState, Send, SendState
 from dicomnode.config import SendingConfig, load_config
-from dicomnode.net.send_queue import ACK_COMMIT_EVERY_S, SendQueue, retry_delay, retry_schedule
+from dicomnode.config import SendingConfig
+from dicomnode.net.send_queue import SendQueue, retry_delay, retry_schedule
 
 from tests.backends import BACKENDS, open_test_db
 from tests.conftest import require_tool
@@ -172,7 +173,7 @@ def test_acknowledgements_are_committed_while_the_series_is_sent(tmp_path):
 
     def answer(n: int, uid: str) -> int:
         if n == 1:
-            time.sleep(ACK_COMMIT_EVERY_S + 0.2)  # the commit interval has passed when this answer comes
+            time.sleep(SendingConfig().ack_commit_every_s + 0.2)  # the commit interval has passed when this answer comes
         if n == 2:
             release.wait(60)  # hold the third response until the test has looked at the row
         return 0x0000
