@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from dicomnode.config import LoggingConfig
+from dicomnode.config import LoggingConfig, load_config
 from dicomnode.log import event, format_fields, setup_logging
 
 
@@ -104,3 +104,35 @@ def test_admin_guide_log_lines_are_lines_the_node_writes():
         source = (REPO / (logger_name.replace(".", "/") + ".py")).read_text()
         assert f'"event={name} ' in source or f'"{name}"' in source, line
         assert name != "instance_stored", line
+
+
+def test_timer_overlap_is_not_a_warning(tmp_path, caplog):
+    """A completion check still running when the next is due is skipped by design: DEBUG, not WARNING."""
+    import time
+
+    from dicomnode.node import Node
+    from tests.conftest import free_port
+
+    class SlowCheckNode(Node):
+        def check_completion(self):
+            time.sleep(0.3)  # a busy machine: each run outlasts the 0.05 s interval
+            return super().check_completion()
+
+    cfg = load_config(overrides={
+        "node": {"port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "completion": {"check_interval_s": 0.05},
+    })
+    caplog.set_level(logging.DEBUG)  # the demoted lines are kept (and seen here) only when DEBUG is on
+    node = SlowCheckNode(cfg, process=lambda inputs: None)
+    node.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                "maximum number of running instances" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        node.stop()
+    overlaps = [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
+    assert overlaps, "the slow check never overlapped: the test did not exercise anything"
+    assert {r.levelno for r in overlaps} == {logging.DEBUG}
