@@ -96,6 +96,20 @@ class _LibraryWarningsToDebug(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class SkippedOverlapToDebug(logging.Filter):
+    """apscheduler's "skipped: maximum number of running instances reached" at DEBUG.
+
+    The node's timers run with ``max_instances=1`` and ``coalesce`` on purpose: a completion check
+    still running when the next is due (a busy machine) makes the next one redundant, not late work.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "maximum number of running instances reached" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(cfg: LoggingConfig) -> None:
     """Send all logs to stderr in ``cfg.format`` at ``cfg.level``; idempotent."""
     root = logging.getLogger()
@@ -112,14 +126,13 @@ def setup_logging(cfg: LoggingConfig) -> None:
     warnings_logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, _LibraryWarningsToDebug) for f in warnings_logger.filters):
         warnings_logger.addFilter(_LibraryWarningsToDebug())
-    # highdicom logs what it coerces with the values; keep it to errors unless we debug the node.
-    logging.getLogger("highdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.ERROR)
     # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless we debug the node.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if cfg.level == "DEBUG" else logging.WARNING)
     # Alembic narrates every migration step at INFO; an upgrade is worth one line from us, not ten.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # highdicom narrates each output it builds ("copy Patient-related attributes ...", ~37 lines a job).
-    logging.getLogger("highdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING)
+    # highdicom narrates each output it builds ("copy Patient-related attributes ...", ~37 lines a
+    # job) and logs what it coerces with the values (patient identifiers): errors only, unless DEBUG.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.ERROR)
     # pydicom warns once per element about source data that breaks a VR rule (a 17-character SH
     # from a modality, say); we pass such values through unchanged, so the lines say nothing new.
     # Its first import resets its logger to WARNING, so import it before setting the level.

@@ -22,7 +22,7 @@ from dicomnode.audit.models import SeriesState
 from dicomnode.audit.retention import mark_purged_instances, purge_audit
 from dicomnode.config import Config
 from dicomnode.jobs import create_job, settle_sending_jobs
-from dicomnode.log import event
+from dicomnode.log import SkippedOverlapToDebug, event
 from dicomnode.routing import find_pairings, record_refusal
 from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
 from dicomnode.store.spool import Spool
@@ -93,6 +93,9 @@ class Node:
         aps = logging.getLogger("apscheduler")
         if aps.level == logging.NOTSET:
             aps.setLevel(logging.WARNING)
+        scheduler_log = logging.getLogger("apscheduler.scheduler")
+        if not any(isinstance(f, SkippedOverlapToDebug) for f in scheduler_log.filters):
+            scheduler_log.addFilter(SkippedOverlapToDebug())
         self._up_since = datetime.now(timezone.utc)
         self.clean_leftovers()
         counts = {"requeued": 0, "resend": 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from dicomnode.config import LoggingConfig
+from dicomnode.config import LoggingConfig, load_config
 from dicomnode.log import event, format_fields, setup_logging
 
 
@@ -139,3 +139,35 @@ def test_an_event_with_its_exception_keeps_fields_and_traceback_in_both_formats(
         else:
             assert "event=send_worker_error destination=pacs exc=" in line[0] and "OSError: disk gone" in line[0]
     setup_logging(LoggingConfig())
+
+
+def test_timer_overlap_is_not_a_warning(tmp_path, caplog):
+    """A completion check still running when the next is due is skipped by design: DEBUG, not WARNING."""
+    import time
+
+    from dicomnode.node import Node
+    from tests.conftest import free_port
+
+    class SlowCheckNode(Node):
+        def check_completion(self):
+            time.sleep(0.3)  # a busy machine: each run outlasts the 0.05 s interval
+            return super().check_completion()
+
+    cfg = load_config(overrides={
+        "node": {"port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path / 'a.db'}"},
+        "completion": {"check_interval_s": 0.05},
+    })
+    caplog.set_level(logging.DEBUG)  # the demoted lines are kept (and seen here) only when DEBUG is on
+    node = SlowCheckNode(cfg, process=lambda inputs: None)
+    node.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                "maximum number of running instances" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        node.stop()
+    overlaps = [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
+    assert overlaps, "the slow check never overlapped: the test did not exercise anything"
+    assert {r.levelno for r in overlaps} == {logging.DEBUG}
