@@ -18,6 +18,10 @@ FUNCTIONAL = frozenset({"PT", "NM"})
 # The names a reader knows, for series descriptions ("PET on CT fusion, SUV 0-8").
 READER_NAMES = {"PT": "PET", "NM": "SPECT", "MR": "MR", "CT": "CT"}
 
+# The colour fusion method (fixed image as luminance, moving image as hue): it brings its own
+# colours, so the pipeline does not colour-map its moving image first.
+CHROMA = "chroma"
+
 # ITU-R BT.601 luma weights (R, G, B): every grey image the node derives from colour uses them.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 

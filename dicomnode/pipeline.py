@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Config, PairingRule
-from dicomnode.domain import FUNCTIONAL, READER_NAMES, luma, series_number
+from dicomnode.domain import CHROMA, FUNCTIONAL, READER_NAMES, luma, series_number
 from dicomnode.log import event
 
 if TYPE_CHECKING:
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
-
-CHROMA = "chroma"  # fusion.api.CHROMA, named here without importing torch at node start
 
 
 @dataclass(frozen=True)

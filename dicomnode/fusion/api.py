@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from dicomnode.domain import CHROMA  # a colour method: runs in FusionEngine, has no grey-level form for get_method
 from dicomnode.fusion import classical
 from dicomnode.fusion.chroma import chroma_fusion, colour_strength
 from dicomnode.fusion.color import colorize, is_grey, luma, rgb_to_ycbcr, ycbcr_to_rgb
@@ -27,7 +28,6 @@ NETWORK = "network"
 # The installed package: ``models/`` in it holds the shipped weights (package data in a wheel; a
 # link to the project's models/ folder in a source checkout).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-CHROMA = "chroma"  # a colour method: runs in FusionEngine, has no grey-level form for get_method
 
 
 @dataclass

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dicomnode.domain import CHROMA
+
 MIN_MARGIN_PX = 3
 
 
@@ -177,7 +179,7 @@ def bar_colours(method: str, functional: bool, fusion_config, modality: str, ste
 
     cfg = fusion_config
     ramp = torch.linspace(0, 1, steps).view(1, 1, 1, steps)
-    if method == "chroma":
+    if method == CHROMA:
         lift = dict(cfg.chroma_lift).get(modality.upper(), 0.0)
         rgb = chroma_fusion(torch.full_like(ramp, 0.5), ramp, saturation=cfg.chroma_saturation,
                             colormap=cfg.chroma_colormap, lift=lift)
