@@ -280,6 +280,9 @@ class QualityConfig(_Section):
 
 class ProcessingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Fixed slices fused, explained and encoded at a time; also caps fusion.batch_size (a slab is
+    # whole batches). Bounds memory: the network's Grad-CAM graph costs ~190 MB per 512x512 slice.
+    slab_slices: int = Field(4, ge=1)
 
 
 class SendingConfig(_Section):

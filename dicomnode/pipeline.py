@@ -146,13 +146,24 @@ def scale_text(method: str, fusion_config, moving_modality: str, moving_range, f
             f"{fixed_modality} {fixed_range.kind} {fixed_range.describe()}; {where}")
 
 
-def in_body_scale(values, body):
-    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale)."""
+def in_body_scale(values, body, peak: float | None = None):
+    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale).
+
+    ``peak``: that maximum when ``values`` is one slab of the series (``in_body_peak`` of every slab).
+    """
     import numpy as np
 
     inside = np.where(body, values, 0.0).astype(np.float32)
-    peak = float(inside.max()) if inside.size else 0.0
+    if peak is None:
+        peak = in_body_peak(values, body)
     return inside / peak if peak > 0 else inside
+
+
+def in_body_peak(values, body) -> float:
+    import numpy as np
+
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    return float(inside.max()) if inside.size else 0.0
 
 
 def warm_up() -> None:
@@ -175,8 +186,23 @@ def series_identity(ref: SeriesRef):
     return Identity(ref.study_uid, ref.series_uid, ref.patient_id, ref.patient_name, ref.birth_date)
 
 
+def write_stream(spool: Spool, job_id: int, datasets, kind: str) -> OutputSeries:
+    """Write instances to the job's outbox as they come (each is let go once on disk)."""
+    files, series_uid = [], ""
+    for ds in datasets:
+        series_uid = series_uid or str(ds.SeriesInstanceUID)
+        files.append(spool.write_dataset(ds, spool.outbox_dir(job_id, series_uid) / f"{ds.SOPInstanceUID}.dcm"))
+    if not files:
+        raise ValueError(f"{kind} series has no instances")
+    return OutputSeries(series_uid, kind, files)
+
+
 def process_job(inputs: JobInputs) -> ProcessingOutput:
-    """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module)."""
+    """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module).
+
+    Prepare, fuse and explain run slab by slab (``processing.slab_slices``, ``dicomnode.slabs``):
+    no full-series float copy beyond the fixed volume and the resampled moving one.
+    """
     watch = Stopwatch()
     with watch.stage("setup"):  # imports: near zero once warm_up ran
         warm_up()
@@ -185,17 +211,19 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     import torch
 
     from dicomnode.dicomio.derived import normalise_patient_sex
-    from dicomnode.dicomio.parametric_map import build_parametric_map
-    from dicomnode.dicomio.secondary_capture import build_fused_series
-    from dicomnode.fusion.api import fuse
-    from dicomnode.fusion.color import colorize
+    from dicomnode.dicomio.parametric_map import STORED_MAX, Quantised, build_parametric_map
+    from dicomnode.dicomio.secondary_capture import iter_fused_series
+    from dicomnode.fusion.api import FusionEngine
+    from dicomnode.fusion.color import colorize, luma
     from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
-    from dicomnode.fusion.prepare import intensity_range, prepare_intensities
+    from dicomnode.fusion.prepare import apply_range, intensity_range
     from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
     from dicomnode.imaging.resample import field_of_view, resample_onto
     from dicomnode.imaging.volume import load_series
     from dicomnode.quality.metrics import score_series, threshold_failures
+    from dicomnode.quality.sampling import select_from_profile
+    from dicomnode.slabs import run_slabs, scratch_folder, slab_bounds
 
     cfg = inputs.config
     with watch.stage("load"):
@@ -204,38 +232,40 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         input_changes = normalise_patient_sex([*fixed.headers, *moving.headers])
     with watch.stage("register"):
         reg = register_volumes(fixed, moving, cfg.registration)
+    with watch.stage("prepare"):
+        fixed_arr = sitk.GetArrayViewFromImage(fixed.image)  # float32 (z, y, x), a view: no copy
+        body = body_mask(fixed_arr, fixed.modality)  # before the resampled copy exists: lower peak
     with watch.stage("resample"):
         moving_on_fixed = resample_onto(fixed, moving, reg.transform)
         fov = field_of_view(fixed, moving, reg.transform)
     with watch.stage("prepare"):
-        fixed_arr = sitk.GetArrayFromImage(fixed.image).astype(np.float32)
-        body = body_mask(fixed_arr, fixed.modality)
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
-        a = prepare_intensities(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
-        b = prepare_intensities(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
         fixed_range = intensity_range(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
         moving_range = intensity_range(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
-        a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
         coloured = moving.modality in FUNCTIONAL and inputs.method != CHROMA  # chroma brings its own colours
-        moving_in = colorize(b_t, cfg.fusion.colormap) if coloured else b_t[:, None]
-    with watch.stage("fuse"):
-        result = fuse(a_t[:, None], moving_in, inputs.method, cfg.processing.device, fusion_config=cfg.fusion,
-                      fov=torch.from_numpy(fov[:, None].astype(np.float32)), modality=moving.modality)
-        fused = result.fused.detach().float().cpu().clamp(0, 1)
-        if fused.shape[1] == 1:
-            fused = fused.repeat(1, 3, 1, 1)
-        # The maps explain the patient, not the air around them: zero outside the body.
-        contribution = result.contribution.detach().float().cpu().numpy() * body
-        saliency = None if result.saliency is None else in_body_scale(result.saliency.detach().float().cpu().numpy(), body)
-    with watch.stage("quality"):
-        # A colour-mapped moving image enters the blend by its colours: score it by their luminance.
-        b_seen = _luma(moving_in).numpy() if moving_in.shape[1] == 3 else b
-        quality = score_series(a * 255.0, b_seen * 255.0, _luma(fused).numpy() * 255.0, tuple(cfg.quality.metrics),
-                               max_slices=cfg.quality.max_slices, round_fused=cfg.quality.round_fused)
-        failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        colormap = cfg.fusion.colormap if coloured else None
+        batch, slabs = slab_bounds(fixed_arr.shape[0], cfg.processing.slab_slices, cfg.fusion.batch_size)
+        engine = FusionEngine(inputs.method, cfg.fusion.model_copy(update={"batch_size": batch}),
+                              cfg.processing.device)
+    with scratch_folder(inputs.spool.outbox / str(int(inputs.job_id))) as scratch:
+        with watch.stage("fuse"):  # prepare -> fuse -> explain, slab by slab
+            done = run_slabs(engine, fixed_arr, moving_on_fixed, fov, body, fixed_range, moving_range,
+                             colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch))
+        with watch.stage("quality"):
+            # Sampled as the whole series would be, then only the sampled slices are prepared again.
+            selection = select_from_profile(done.flat, done.signal, cfg.quality.max_slices)
+            idx = np.asarray(selection.scored, dtype=np.intp)
+            b_k = apply_range(moving_on_fixed[idx], moving_range)
+            b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
+            sample = score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
+                                  done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
+                                  round_fused=cfg.quality.round_fused)
+            quality = spread_quality(sample, selection, fixed_arr.shape[0])
+            failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        done.close()
+    del moving_on_fixed, fov
     with watch.stage("encode"):
-        rgb = (fused.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        rgb = done.rgb
         # One colour bar, one place, one scale for the whole series, beside the body on every slice.
         bar = render_bar(rgb.shape[1:3], body.any(axis=0),
                          bar_colours(inputs.method, moving.modality in FUNCTIONAL, cfg.fusion, moving.modality),
@@ -249,31 +279,36 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         derivation = (
             f"{moving.modality} series resampled onto the {fixed.modality} grid "
             f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {result.method}; {scale}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
+            f"and fused by method {done.method}; {scale}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
             + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
         )
-        sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
-                                series_number=series_number(inputs.job_id, "fused"),
-                                series_description=reader_description(moving.modality, fixed.modality, moving_range))
+    with watch.stage("write"):  # SC instances are encoded and written one at a time
+        sc = iter_fused_series(fixed, moving, rgb, method=done.method, derivation=derivation,
+                               series_number=series_number(inputs.job_id, "fused"),
+                               series_description=reader_description(moving.modality, fixed.modality, moving_range))
+        series = [write_stream(inputs.spool, inputs.job_id, sc, "fused")]
+    del rgb, done.rgb
+    with watch.stage("encode"):
+        unit = 1.0 / STORED_MAX  # quantise's slope on the 0..1 range the maps were stored on
         # (kind, values, HeatmapKind name for quantity + unit, content label, description)
-        maps = [("heatmap", contribution, "contribution", "HEATMAP",
+        maps = [("heatmap", Quantised(done.contribution, unit, 0.0), "contribution", "HEATMAP",
                  f"{moving.modality} contribution to fused image")]
-        if saliency is not None:
-            maps.append(("saliency", saliency, "saliency", "SALIENCY", "Fusion saliency"))
+        if done.saliency is not None:
+            maps.append(("saliency", Quantised(done.saliency, unit, 0.0), "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
-            maps.append(("displacement", sitk.GetArrayFromImage(reg.displacement_mm).astype(np.float32),
+            maps.append(("displacement", sitk.GetArrayViewFromImage(reg.displacement_mm),
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
-        pms = [
-            (kind, build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                        series_number=series_number(inputs.job_id, kind), series_description=description,
-                                        sources=[fixed, moving], method=result.method))
-            for kind, values, quantity, label, description in maps
-        ]
-    with watch.stage("write"):
-        series = [write_series(inputs.spool, inputs.job_id, sc, "fused")]
-        series += [write_series(inputs.spool, inputs.job_id, [pm], kind) for kind, pm in pms]
-    log.info("event=job_processed job_id=%s method=%s slices=%d outputs=%d seconds=%.2f", inputs.job_id,
-             result.method, rgb.shape[0], len(series), sum(watch.seconds.values()))
+    for kind, values, quantity, label, description in maps:
+        with watch.stage("encode"):
+            pm = build_parametric_map(fixed, values, content_label=label, quantity=quantity,
+                                      series_number=series_number(inputs.job_id, kind), series_description=description,
+                                      sources=[fixed, moving], method=done.method)
+        with watch.stage("write"):
+            series.append(write_series(inputs.spool, inputs.job_id, [pm], kind))
+        del pm
+    log.info("event=job_processed job_id=%s method=%s slices=%d slab_slices=%d outputs=%d seconds=%.2f",
+             inputs.job_id, done.method, fixed_arr.shape[0], slabs[0][1] - slabs[0][0], len(series),
+             sum(watch.seconds.values()))
     return ProcessingOutput(
         series=series,
         timings={**watch.seconds, "total_s": round(sum(watch.seconds.values()), 4)},
@@ -283,3 +318,14 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         quality_failures=failures,
         input_changes=input_changes,
     )
+
+
+def spread_quality(sample, selection, count: int):
+    """The quality of the sampled slices as the whole series' quality: NaN rows for the others."""
+    from dataclasses import replace
+
+    nan = {name: float("nan") for name in sample.names}
+    per_slice = [dict(nan) for _ in range(count)]
+    for row, i in zip(sample.per_slice, selection.scored, strict=True):
+        per_slice[i] = row
+    return replace(sample, per_slice=per_slice, skipped=list(selection.blank), scored_slices=list(selection.scored))

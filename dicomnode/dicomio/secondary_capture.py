@@ -58,7 +58,25 @@ def build_fused_series(
     series_number: int = 9001,
     series_description: str | None = None,
 ) -> list[Dataset]:
+    """One RGB Secondary Capture per fixed slice (``iter_fused_series``, as a list)."""
+    return list(iter_fused_series(fixed, moving, rgb, method=method, derivation=derivation,
+                                  series_number=series_number, series_description=series_description))
+
+
+def iter_fused_series(
+    fixed: Volume,
+    moving: Volume,
+    rgb: np.ndarray,
+    *,
+    method: str,
+    derivation: str,
+    series_number: int = 9001,
+    series_description: str | None = None,
+):
     """One RGB Secondary Capture per fixed slice, in the fixed series' study and frame of reference.
+
+    Yields the instances one at a time, so a caller can write each and let it go (a whole-body
+    series is never held encoded in memory).
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
     (increasing z). Instances are returned and numbered (1..N) in ``display_order``, the order of
@@ -75,7 +93,7 @@ def build_fused_series(
     series_uid = generate_uid()
     now = datetime.datetime.now()
     moving_slices = overlapping_slices(fixed, moving)
-    out = []
+    count = 0
     for number, k in enumerate(display_order(fixed.headers), 1):
         header = fixed.headers[k]
         sc = SCImage.from_ref_dataset(
@@ -101,9 +119,9 @@ def build_fused_series(
             contributing_equipment=source_equipment([moving]),  # highdicom adds the fixed one's
         )
         _add_derivation(sc, fixed, moving, header, moving_slices[k], derivation_text)
-        out.append(sc)
-    log.info("event=fused_series_encoded method=%s slices=%d series_number=%d", method, len(out), series_number)
-    return out
+        count += 1
+        yield sc
+    log.info("event=fused_series_encoded method=%s slices=%d series_number=%d", method, count, series_number)
 
 
 def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset, moving_slices: list[Dataset],
@@ -120,7 +138,10 @@ def _add_derivation(sc: Dataset, fixed: Volume, moving: Volume, header: Dataset,
     sc.DerivationCodeSequence = DicomSequence([spatial_resampling()])
     # Every source series: this fixed slice and the moving slices that overlap it.
     sc.SourceImageSequence = DicomSequence([source_image_item(h) for h in (header, *moving_slices)])
-    references = common_instance_references(fixed.study_uid, [(fixed, [header]), (moving, moving.headers)])
+    # Its own sources only (never every moving instance: that grew as N fixed x M moving); a slice
+    # beyond the moving field of view references the fixed series alone.
+    sources = [(fixed, [header])] + ([(moving, moving_slices)] if moving_slices else [])
+    references = common_instance_references(fixed.study_uid, sources)
     sc.update(references)
     copy_study_and_deidentification(sc, header)
     clipped = clip_copied_strings(sc)
