@@ -1,9 +1,10 @@
-"""Receive-path benchmark: DCMTK storescu -> the node's StoreSCP, and -> DCMTK storescp.
+"""Receive-path benchmark: DCMTK storescu -> ``dicomnode serve``, and -> DCMTK storescp.
 
 300 synthetic 512x512 int16 CT instances are generated once, then sent ``--reps`` times to each
 receiver with ``TCP_NODELAY=1`` and a 128 KiB PDU, once on one association and once split over
-``--parallel`` concurrent storescu processes (one association each). The node writes a durable
-spool (fsync of file and folder per instance) and a SQLite audit DB, exactly as in service.
+``--parallel`` concurrent storescu processes (one association each). The node is a real
+``dicomnode serve`` process (started per run, measured once idle after its warm-up) with a
+durable spool (fsync of file and folder per instance) and a SQLite audit DB, as deployed.
 storescp runs twice: as is (no fsync) and with a per-file ``sync FILE FOLDER`` run synchronously
 on reception (``-xcr ... -xs``; DCMTK 3.6.7 has no fsync option), the nearest like-for-like.
 Prints medians and ratios; ``--write-docs`` puts them under ``## Receive path`` in
@@ -135,28 +136,54 @@ def run_storescu(files: list[Path], port: int, called: str, associations: int = 
     return seconds
 
 
-def bench_node(files: list[Path], work: Path, associations: int) -> float:
-    sys.path.insert(0, str(REPO))
-    from dicomnode.audit.db import AuditDB
-    from dicomnode.config import load_config
-    from dicomnode.net.scp import StoreSCP
-    from dicomnode.store.spool import Spool
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def wait_idle(pid: int, timeout: float = 120.0) -> None:
+    """Until the process stops using CPU (the node's start-up imports and warm-up are done)."""
+    deadline = time.monotonic() + timeout
+    last = process_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = process_cpu_s(pid)
+        if now - last < 0.05:
+            return
+        last = now
+
+
+def bench_node(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+    """``dicomnode serve`` as deployed: its own process, durable spool, SQLite audit, timers running."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    config = load_config(None, {"node": {"port": free_port(), "max_pdu": PDU, "max_associations": max(10, associations)}})
-    db = AuditDB.open(f"sqlite:///{run_dir / 'audit.db'}")
-    scp = StoreSCP(config, db, Spool(run_dir / "spool"))
-    scp.start()
+    port = free_port()
+    config = run_dir / "node.toml"
+    config.write_text(
+        f'[node]\nport = {port}\nmax_pdu = {PDU}\nmax_associations = {max(10, associations)}\n\n'
+        f'[storage]\nspool_dir = "{run_dir / "spool"}"\ndatabase_url = "sqlite:///{run_dir / "audit.db"}"\n\n'
+        '[logging]\nlevel = "WARNING"\n')
+    env = dict(ENV, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config)], cwd=run_dir,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        seconds = run_storescu(files, scp.port, config.node.ae_title, associations)
+        wait_listening(port, timeout=120.0)
+        wait_idle(proc.pid)
+        cpu = process_cpu_s(proc.pid)
+        seconds = run_storescu(files, port, "DICOMNODE", associations)
+        cpu_ms = (process_cpu_s(proc.pid) - cpu) * 1000 / len(files)
     finally:
-        scp.stop()
-        db.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     stored = len(list((run_dir / "spool" / "incoming").rglob("*.dcm")))
     shutil.rmtree(run_dir)
     if stored != len(files):
         raise RuntimeError(f"node stored {stored} of {len(files)}")
-    return len(files) / seconds
+    return len(files) / seconds, cpu_ms
 
 
 def bench_storescp(files: list[Path], work: Path, associations: int, fsync: bool) -> float:
@@ -212,20 +239,23 @@ def write_docs(text: str) -> None:
 
 
 RECEIVERS = {
-    "node": "dicomnode StoreSCP (file + folder fsync, SQLite audit WAL)",
+    "node": "`dicomnode serve` (file + folder fsync, SQLite audit WAL)",
     "storescp": "DCMTK storescp `--fork -od` (no fsync)",
     "storescp_sync": "DCMTK storescp `--fork -od -xcr 'sync #p/#f #p' -xs`",
 }
 
 
-def bench(name: str, files: list[Path], work: Path, associations: int) -> float:
+def bench(name: str, files: list[Path], work: Path, associations: int) -> tuple[float, float | None]:
+    """(instances/s, CPU ms per instance of the receiver process where measured)."""
     if name == "node":
         return bench_node(files, work, associations)
-    return bench_storescp(files, work, associations, fsync=name == "storescp_sync")
+    return bench_storescp(files, work, associations, fsync=name == "storescp_sync"), None
 
 
-def report(args, size_mb: float, rates: dict, loads: list[float], host: str) -> str:
+def report(args, size_mb: float, rates: dict, loads: list[float], host: str, cpu: dict) -> str:
     rows = []
+    cpu_text = ", ".join(f"{statistics.median(v):.1f} ms on {a} association{'s' if a > 1 else ''}"
+                         for a, v in sorted(cpu.items()))
     for associations in sorted({a for _, a in rates}):
         base = statistics.median(rates[("storescp", associations)])
         synced = statistics.median(rates[("storescp_sync", associations)])
@@ -244,6 +274,8 @@ association each). Median of {args.reps} repetitions, receivers interleaved with
 | receiver | associations | instances/s (median) | all runs | / storescp | / storescp + sync |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+`dicomnode serve` CPU per instance (its process, user + system, median): {cpu_text}.
 
 Machine: {host}. 1-minute load average before each run: min {min(loads):.1f}, median
 {statistics.median(loads):.1f}, max {max(loads):.1f} (other processes share the machine)."""
@@ -270,15 +302,19 @@ def main() -> int:
         print(f"load average {wait_for_quiet(args.max_load, args.load_wait):.1f} at start", flush=True)
     rates: dict[tuple[str, int], list[float]] = {}
     loads: list[float] = []
+    cpu: dict[int, list[float]] = {}
     for rep in range(args.reps):
         # Interleaved so a burst of load elsewhere on the machine hits every receiver alike.
         for associations in (1, args.parallel):
             for name in RECEIVERS:
                 loads.append(os.getloadavg()[0])
-                rates.setdefault((name, associations), []).append(bench(name, files, work, associations))
+                rate, cpu_ms = bench(name, files, work, associations)
+                rates.setdefault((name, associations), []).append(rate)
+                if cpu_ms is not None:
+                    cpu.setdefault(associations, []).append(cpu_ms)
         print(f"rep {rep + 1}: " + "  ".join(f"{n}x{a} {r[-1]:.0f}/s" for (n, a), r in rates.items()), flush=True)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
-    text = report(args, size_mb, rates, loads, machine()) + "\n\n" + NOTES
+    text = report(args, size_mb, rates, loads, machine(), cpu) + "\n\n" + NOTES
     print(text)
     if args.write_docs:
         write_docs(text)

@@ -70,21 +70,24 @@ class ProcessingOutput:
     quality_failures: list[str] = field(default_factory=list)  # metric names worse than their threshold
     # Source values the node had to change to encode legal outputs (e.g. a nonstandard PatientSex).
     input_changes: list[str] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # stage -> process CPU seconds
 
 
 class Stopwatch:
-    """Per-stage wall-clock seconds, in stage order."""
+    """Per-stage wall-clock seconds, in stage order, and the process's CPU seconds (all threads) per stage."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 4)
 
 
 def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> OutputSeries:
@@ -317,6 +320,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         summary=dict(quality.summary),
         quality_failures=failures,
         input_changes=input_changes,
+        cpu_seconds=dict(watch.cpu_seconds),
     )
 
 
