@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("load", "register", "resample", "prepare", "fuse", "quality", "encode", "write")
+STAGES = ("load", "register", "resample", "prepare", "fuse", "quality", "explain", "encode", "write")
 
 
 def child(folder: Path, method: str, slab_slices: int) -> None:

@@ -218,7 +218,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.dicomio.secondary_capture import iter_fused_series
     from dicomnode.fusion.api import FusionEngine
     from dicomnode.fusion.color import colorize, luma
-    from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
+    from dicomnode.fusion.colorbar import bar_colours, render_bar
     from dicomnode.fusion.prepare import apply_range, intensity_range
     from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
@@ -226,7 +226,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.imaging.volume import load_series
     from dicomnode.quality.metrics import score_series, threshold_failures
     from dicomnode.quality.sampling import select_from_profile
-    from dicomnode.slabs import run_slabs, scratch_folder, slab_bounds
+    from dicomnode.slabs import run_slabs, scaled_saliency, scratch_folder, slab_bounds
 
     cfg = inputs.config
     with watch.stage("load"):
@@ -250,10 +250,17 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         batch, slabs = slab_bounds(fixed_arr.shape[0], cfg.processing.slab_slices, cfg.fusion.batch_size)
         engine = FusionEngine(inputs.method, cfg.fusion.model_copy(update={"batch_size": batch}),
                               cfg.processing.device)
+        # One colour bar, one place, one scale for the whole series, beside the body on every slice.
+        bar = render_bar(fixed_arr.shape[1:3], body.any(axis=0),
+                         bar_colours(inputs.method, moving.modality in FUNCTIONAL, cfg.fusion, moving.modality),
+                         moving_range.low, moving_range.high, moving_range.unit)
+        if bar is None:
+            log.info("event=colour_bar_omitted job_id=%s reason=no_body_free_margin", inputs.job_id)
     with scratch_folder(inputs.spool.outbox / str(int(inputs.job_id))) as scratch:
         with watch.stage("fuse"):  # prepare -> fuse -> explain, slab by slab
             done = run_slabs(engine, fixed_arr, moving_on_fixed, fov, body, fixed_range, moving_range,
-                             colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch))
+                             colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch),
+                             bar=bar)
         with watch.stage("quality"):
             # Sampled as the whole series would be, then only the sampled slices are prepared again.
             selection = select_from_profile(done.flat, done.signal, cfg.quality.max_slices)
@@ -265,52 +272,47 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                                   round_fused=cfg.quality.round_fused)
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        del moving_on_fixed, fov
+        with watch.stage("explain"):
+            saliency = scaled_saliency(done, body, slabs)
+        with watch.stage("encode"):
+            scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
+                               fixed_range, None if bar is None else bar[2])
+            derivation = (
+                f"{moving.modality} series resampled onto the {fixed.modality} grid "
+                f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
+                f"and fused by method {done.method}; {scale}; series quality ({quality.scored} of "
+                f"{fixed_arr.shape[0]} slices) " + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
+            )
+        with watch.stage("write"):  # SC instances are encoded and written one at a time
+            sc = iter_fused_series(fixed, moving, done.rgb, method=done.method, derivation=derivation,
+                                   series_number=series_number(inputs.job_id, "fused"),
+                                   series_description=reader_description(moving.modality, fixed.modality,
+                                                                         moving_range))
+            series = [write_stream(inputs.spool, inputs.job_id, sc, "fused")]
         done.close()
-    del moving_on_fixed, fov
-    with watch.stage("encode"):
-        rgb = done.rgb
-        # One colour bar, one place, one scale for the whole series, beside the body on every slice.
-        bar = render_bar(rgb.shape[1:3], body.any(axis=0),
-                         bar_colours(inputs.method, moving.modality in FUNCTIONAL, cfg.fusion, moving.modality),
-                         moving_range.low, moving_range.high, moving_range.unit)
-        if bar is not None:
-            burn_in(rgb, bar[0], bar[1])
-        else:
-            log.info("event=colour_bar_omitted job_id=%s reason=no_body_free_margin", inputs.job_id)
-        scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality, fixed_range,
-                           None if bar is None else bar[2])
-        derivation = (
-            f"{moving.modality} series resampled onto the {fixed.modality} grid "
-            f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {done.method}; {scale}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
-            + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
-        )
-    with watch.stage("write"):  # SC instances are encoded and written one at a time
-        sc = iter_fused_series(fixed, moving, rgb, method=done.method, derivation=derivation,
-                               series_number=series_number(inputs.job_id, "fused"),
-                               series_description=reader_description(moving.modality, fixed.modality, moving_range))
-        series = [write_stream(inputs.spool, inputs.job_id, sc, "fused")]
-    del rgb, done.rgb
     with watch.stage("encode"):
         unit = 1.0 / STORED_MAX  # quantise's slope on the 0..1 range the maps were stored on
         # (kind, values, HeatmapKind name for quantity + unit, content label, description)
         maps = [("heatmap", Quantised(done.contribution, unit, 0.0), "contribution", "HEATMAP",
                  f"{moving.modality} contribution to fused image")]
-        if done.saliency is not None:
-            maps.append(("saliency", Quantised(done.saliency, unit, 0.0), "saliency", "SALIENCY", "Fusion saliency"))
+        if saliency is not None:
+            maps.append(("saliency", Quantised(saliency, unit, 0.0), "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
             maps.append(("displacement", sitk.GetArrayViewFromImage(reg.displacement_mm),
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
+        method = done.method
+        del done, saliency
     for kind, values, quantity, label, description in maps:
         with watch.stage("encode"):
             pm = build_parametric_map(fixed, values, content_label=label, quantity=quantity,
                                       series_number=series_number(inputs.job_id, kind), series_description=description,
-                                      sources=[fixed, moving], method=done.method)
+                                      sources=[fixed, moving], method=method)
         with watch.stage("write"):
             series.append(write_series(inputs.spool, inputs.job_id, [pm], kind))
         del pm
     log.info("event=job_processed job_id=%s method=%s slices=%d slab_slices=%d outputs=%d seconds=%.2f",
-             inputs.job_id, done.method, fixed_arr.shape[0], slabs[0][1] - slabs[0][0], len(series),
+             inputs.job_id, method, fixed_arr.shape[0], slabs[0][1] - slabs[0][0], len(series),
              sum(watch.seconds.values()))
     return ProcessingOutput(
         series=series,

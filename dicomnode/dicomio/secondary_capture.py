@@ -76,14 +76,15 @@ def iter_fused_series(
     """One RGB Secondary Capture per fixed slice, in the fixed series' study and frame of reference.
 
     Yields the instances one at a time, so a caller can write each and let it go (a whole-body
-    series is never held encoded in memory).
+    series is never held encoded in memory). ``rgb``: an array, or anything with shape, dtype and
+    one plane per integer index (``dicomnode.slabs.ScratchStack``).
 
     rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
     (increasing z). Instances are returned and numbered (1..N) in ``display_order``, the order of
     the Parametric Map frames (head to feet for axial slices).
     """
     rows, cols = check_fixed_geometry(fixed)
-    rgb = np.asarray(rgb)
+    rgb = rgb if hasattr(rgb, "shape") and hasattr(rgb, "dtype") else np.asarray(rgb)  # or slices on disk
     if rgb.dtype != np.uint8:
         raise EncodingError(f"fused slices must be uint8 RGB, got {rgb.dtype}")
     check_stack(rgb, fixed, rows, cols, "fused RGB stack", channels=3)
