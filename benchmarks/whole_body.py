@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("load", "register", "resample", "prepare", "fuse", "quality", "explain", "encode", "write")
 
 
-def child(folder: Path, method: str, slab_slices: int) -> None:
+def child(folder: Path, method: str, slab_slices: int, threads: int = 0) -> None:
     """One job on the study in ``folder``; prints one JSON line."""
     import pydicom
 
@@ -43,7 +43,7 @@ def child(folder: Path, method: str, slab_slices: int) -> None:
 
     warm_up()  # imports are not the job's
     files = {m: sorted((folder / m).glob("*.dcm")) for m in ("CT", "PT")}
-    processing = {"slab_slices": slab_slices, "device": "cpu"} if slab_slices else {"device": "cpu"}
+    processing = {"slab_slices": slab_slices, "device": "cpu", "threads": threads} if slab_slices else {"device": "cpu"}
     config = Config(processing=processing)
     with tempfile.TemporaryDirectory(dir=folder.parent) as spool:
         inputs = JobInputs(job_id=1, rule=PairingRule(fixed="CT", moving="PT"), method=method, fixed=ref(files["CT"]),
@@ -73,9 +73,10 @@ def row(method: str, r: dict) -> str:
             f"| {r['load_before']:.1f}-{r['load_after']:.1f} |")
 
 
-def table(rows: list[str], slab_slices: int) -> str:
+def table(rows: list[str], slab_slices: int, threads: int) -> str:
     head = " | ".join(STAGES)
-    return (f"`python benchmarks/whole_body.py` (processing.slab_slices = {slab_slices}, fusion on the CPU, "
+    return (f"`python benchmarks/whole_body.py --threads {threads}` (processing.slab_slices = {slab_slices}, "
+            f"processing.threads = {threads}, fusion on the CPU, "
             "explanations on): one job's `process_job` on spooled files in a fresh process, CT N x 512 x 512 + PET "
             "N/2 x 256 x 256 (synthetic). Peak RSS is the process's maximum resident set (GB); CPU is the "
             "process's, all threads; stage columns are CPU ms per fixed slice.\n\n"
@@ -102,10 +103,11 @@ def main() -> int:
     parser.add_argument("--slab-slices", type=int, default=None, help="default: the configured default")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true")
-    parser.add_argument("--child", nargs=3, metavar=("FOLDER", "METHOD", "SLAB"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help="processing.threads (0: torch's default)")
+    parser.add_argument("--child", nargs=4, metavar=("FOLDER", "METHOD", "SLAB", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), args.child[1], int(args.child[2]))
+        child(Path(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]))
         return 0
     from dicomnode.config import ProcessingConfig
 
@@ -116,7 +118,8 @@ def main() -> int:
     for n in (int(v) for v in args.sizes.split(",")):
         folder = study(work, n)
         for method in args.methods.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--child", str(folder), method, str(slab)],
+            proc = subprocess.run([sys.executable, __file__, "--child", str(folder), method, str(slab),
+                                   str(args.threads)],
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -124,7 +127,7 @@ def main() -> int:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row(method, result))
             print(rows[-1], flush=True)
-    text = table(rows, slab)
+    text = table(rows, slab, args.threads)
     print(text)
     if args.write_docs:
         write_docs(text)

@@ -229,6 +229,8 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.slabs import run_slabs, scaled_saliency, scratch_folder, slab_bounds
 
     cfg = inputs.config
+    if cfg.processing.threads:
+        torch.set_num_threads(cfg.processing.threads)
     with watch.stage("load"):
         fixed = load_series(inputs.fixed_files, expect=series_identity(inputs.fixed))
         moving = load_series(inputs.moving_files, expect=series_identity(inputs.moving))

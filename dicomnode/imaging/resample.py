@@ -30,4 +30,6 @@ def field_of_view(fixed: Volume, moving: Volume, transform: sitk.Transform | Non
     """Boolean (z, y, x) on the fixed grid: True where the moving image has data (inside its FOV)."""
     ones = sitk.Image(moving.image.GetSize(), sitk.sitkFloat32) + 1.0
     ones.CopyInformation(moving.image)
-    return sitk.GetArrayFromImage(resample_image(fixed.image, ones, transform, 0.0)) > 0.5
+    on_fixed = resample_image(fixed.image, ones, transform, 0.0)
+    # Compared through a view while the image lives: no float copy of a whole-body grid.
+    return sitk.GetArrayViewFromImage(on_fixed) > 0.5
