@@ -275,8 +275,6 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
         del moving_on_fixed, fov
-        with watch.stage("explain"):
-            saliency = scaled_saliency(done, body, slabs)
         with watch.stage("encode"):
             scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
                                fixed_range, None if bar is None else bar[2])
@@ -292,27 +290,31 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                                    series_description=reader_description(moving.modality, fixed.modality,
                                                                          moving_range))
             series = [write_stream(inputs.spool, inputs.job_id, sc, "fused")]
-        done.close()
-    with watch.stage("encode"):
         unit = 1.0 / STORED_MAX  # quantise's slope on the 0..1 range the maps were stored on
-        # (kind, values, HeatmapKind name for quantity + unit, content label, description)
-        maps = [("heatmap", Quantised(done.contribution, unit, 0.0), "contribution", "HEATMAP",
-                 f"{moving.modality} contribution to fused image")]
-        if saliency is not None:
-            maps.append(("saliency", Quantised(saliency, unit, 0.0), "saliency", "SALIENCY", "Fusion saliency"))
+        # (kind, stage, values when needed, HeatmapKind name for quantity + unit, content label, description):
+        # one map in memory at a time.
+        maps = [("heatmap", "encode", lambda: Quantised(done.contribution.read(0, done.contribution.count), unit, 0.0),
+                 "contribution", "HEATMAP", f"{moving.modality} contribution to fused image")]
+        if done.peak is not None:
+            maps.append(("saliency", "explain", lambda: Quantised(scaled_saliency(done, body, slabs), unit, 0.0),
+                         "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
-            maps.append(("displacement", sitk.GetArrayViewFromImage(reg.displacement_mm),
+            maps.append(("displacement", "encode", lambda: sitk.GetArrayViewFromImage(reg.displacement_mm),
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
+        for kind, stage, values, quantity, label, description in maps:
+            with watch.stage(stage):
+                values = values()
+            with watch.stage("encode"):
+                pm = build_parametric_map(fixed, values, content_label=label, quantity=quantity,
+                                          series_number=series_number(inputs.job_id, kind),
+                                          series_description=description, sources=[fixed, moving],
+                                          method=done.method)
+            del values
+            with watch.stage("write"):
+                series.append(write_series(inputs.spool, inputs.job_id, [pm], kind))
+            del pm
         method = done.method
-        del done, saliency
-    for kind, values, quantity, label, description in maps:
-        with watch.stage("encode"):
-            pm = build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                      series_number=series_number(inputs.job_id, kind), series_description=description,
-                                      sources=[fixed, moving], method=method)
-        with watch.stage("write"):
-            series.append(write_series(inputs.spool, inputs.job_id, [pm], kind))
-        del pm
+        done.close()
     log.info("event=job_processed job_id=%s method=%s slices=%d slab_slices=%d outputs=%d seconds=%.2f",
              inputs.job_id, method, fixed_arr.shape[0], slabs[0][1] - slabs[0][0], len(series),
              sum(watch.seconds.values()))

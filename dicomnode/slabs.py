@@ -78,15 +78,15 @@ def scratch_folder(root: Path) -> tempfile.TemporaryDirectory:
 class SlabPass:
     """Everything the single pass over the slabs leaves for the series-wide steps after it.
 
-    rgb: the fused slices (N, H, W, 3) uint8, colour bar burnt in, on scratch; contribution: uint16
-    planes of the map (``quantise`` on 0..1); flat / signal: the quality sample's per-slice facts;
+    rgb: the fused slices (N, H, W, 3) uint8, colour bar burnt in, on scratch; contribution: the
+    map's uint16 planes (``quantise`` on 0..1), on scratch; flat / signal: the quality sample's per-slice facts;
     fused_luma: the fused luminance (0..255) on scratch, read back for the sampled slices only;
     raw_saliency and peak: the saliency before its series scale (``scaled_saliency``).
     """
 
     def __init__(self, count: int, shape: tuple[int, int], folder: Path):
         self.rgb = ScratchStack(folder, "rgb", (*shape, 3), np.uint8)
-        self.contribution = np.zeros((count, *shape), np.uint16)
+        self.contribution = ScratchStack(folder, "contribution", shape, np.uint16)
         self.flat = np.zeros(count, bool)
         self.signal = np.zeros(count, np.float64)
         self.fused_luma = ScratchStack(folder, "fused_luma", shape)
@@ -95,7 +95,7 @@ class SlabPass:
         self.method = ""
 
     def close(self) -> None:
-        for stack in (self.rgb, self.fused_luma, self.raw_saliency):
+        for stack in (self.rgb, self.contribution, self.fused_luma, self.raw_saliency):
             stack.close()
 
 
@@ -132,8 +132,8 @@ def run_slabs(engine, fixed_arr, moving_arr, fov, body, fixed_range, moving_rang
         out.rgb.append(rgb)
         out.fused_luma.append(luma(fused)[:, 0].numpy() * 255.0)
         # The maps explain the patient, not the air around them: zero outside the body.
-        quantise(result.contribution.detach().float().cpu().numpy() * body[lo:hi], (0.0, 1.0),
-                 out=out.contribution[lo:hi])
+        out.contribution.append(quantise(result.contribution.detach().float().cpu().numpy() * body[lo:hi],
+                                         (0.0, 1.0)).stored)
         if result.saliency is not None:
             raw = result.saliency.detach().float().cpu()
             out.peak = raw.max() if out.peak is None else torch.maximum(out.peak, raw.max())
