@@ -274,7 +274,10 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                                   round_fused=cfg.quality.round_fused)
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
-        del moving_on_fixed, fov
+        count = fixed_arr.shape[0]
+        # Encoding needs the fixed grid's geometry, not its voxels: a whole-body float volume less.
+        del moving_on_fixed, fov, fixed_arr
+        fixed = geometry_only(fixed)
         with watch.stage("encode"):
             scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
                                fixed_range, None if bar is None else bar[2])
@@ -282,7 +285,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                 f"{moving.modality} series resampled onto the {fixed.modality} grid "
                 f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
                 f"and fused by method {done.method}; {scale}; series quality ({quality.scored} of "
-                f"{fixed_arr.shape[0]} slices) " + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
+                f"{count} slices) " + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
             )
         with watch.stage("write"):  # SC instances are encoded and written one at a time
             sc = iter_fused_series(fixed, moving, done.rgb, method=done.method, derivation=derivation,
@@ -316,7 +319,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         method = done.method
         done.close()
     log.info("event=job_processed job_id=%s method=%s slices=%d slab_slices=%d outputs=%d seconds=%.2f",
-             inputs.job_id, method, fixed_arr.shape[0], slabs[0][1] - slabs[0][0], len(series),
+             inputs.job_id, method, count, slabs[0][1] - slabs[0][0], len(series),
              sum(watch.seconds.values()))
     return ProcessingOutput(
         series=series,
@@ -328,6 +331,18 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         input_changes=input_changes,
         cpu_seconds=dict(watch.cpu_seconds),
     )
+
+
+def geometry_only(volume):
+    """``volume`` with its voxels replaced by a uint8 image of the same grid (size, spacing, origin,
+    direction): what encoding reads, at a quarter of the memory."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    shell = sitk.Image(volume.image.GetSize(), sitk.sitkUInt8)
+    shell.CopyInformation(volume.image)
+    return dataclasses.replace(volume, image=shell)
 
 
 def spread_quality(sample, selection, count: int):
