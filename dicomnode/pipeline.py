@@ -241,7 +241,9 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         fixed_arr = sitk.GetArrayViewFromImage(fixed.image)  # float32 (z, y, x), a view: no copy
         body = body_mask(fixed_arr, fixed.modality)  # before the resampled copy exists: lower peak
     with watch.stage("resample"):
-        fov = field_of_view(fixed, moving, reg.transform)  # first: its float transient meets less held memory
+        # Only chroma reads the field of view (it fades its colour at the edge); resampled first, so
+        # its float transient meets less held memory.
+        fov = field_of_view(fixed, moving, reg.transform) if inputs.method == CHROMA else None
         moving_on_fixed = resample_onto(fixed, moving, reg.transform)
     with watch.stage("prepare"):
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
