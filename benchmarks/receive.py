@@ -36,41 +36,30 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TCP_NODELAY="1")
 PDU = 131072
 # Kept with the figures when --write-docs rewrites the section; update after profiling again.
-NOTES = """**Target not reached.** 300 instances/s is not reached on this machine, for one association or
-four, and the numbers say why.
+NOTES = """**Target not reached.** `dicomnode serve` does not reach storescp with fsync, on one
+association or four; these ratios replace earlier ones (1.19 and 1.00) that measured the StoreSCP
+alone inside the benchmark process, not `serve` as deployed.
+
+*What `serve` costs.* The `serve` process spends 5.5-6.4 ms of CPU per instance (its user + system
+time over the run, after its warm-up). Before series bookkeeping left the per-instance path it
+spent 7.6 ms on one association and 11.5 ms on four (same session, load 2.3-3.6, two repetitions
+each): `Node._on_instance` opened an ORM session per instance to read the series' progress. That
+progress now comes back from the instance's own write transaction (`UPDATE ... RETURNING` of the
+series counters, `net/records.py`) and goes with `on_instance`, so completion reads nothing more
+until a series is due.
 
 *The fsync floor.* The spool write is durable before success: temp file, fsync, rename, fsync of
-the folder. On this virtual disk each fsync is an ext4 journal commit (~4 ms floor; a new 0.5 MB
-file + rename + folder fsync ~8 ms median). One association waits for its own two flushes per
-instance, so it cannot exceed ~125-250/s whatever the code does; storescp made to flush each file
-and its folder (`-xcr 'sync #p/#f #p' -xs`) runs at 64/s on one association (DCMTK runs the command
-after answering, before it reads the next instance), and the node now beats it (76/s). Concurrent associations share journal commits (ext4 group commit): 4 associations give
-the node 163/s, the same as storescp with sync (162/s). storescp without fsync (~700/s) promises
-nothing after a power cut; it is the upper bound of the network path, not a like-for-like peer.
+the folder. One association waits for its own flushes per instance; storescp made to flush each
+file and its folder (`-xcr 'sync #p/#f #p' -xs`) runs the sync after answering, so its disk wait
+overlaps the next transfer, which the node's does not. Concurrent associations share journal
+commits, which is why four associations gain more for storescp + sync (its forked processes run
+in parallel) than for the node, whose Python (mostly pynetdicom's DIMSE layer, by the earlier profile) holds
+one GIL: on 2 shared cores ~6 ms of CPU per instance caps it near 160/s. storescp without fsync
+promises nothing after a power cut; it is the upper bound of the network path, not a like-for-like
+peer.
 
-*Where the time goes now* (cProfile of the handler and py-spy `--gil` of the node process, 300
-instances, load 3-6): the C-STORE handler takes a median ~5 ms on one association, of which the two
-fsyncs are ~3.5 ms; its Python work is ~2 ms (header read + checks ~0.6 ms, audit transaction ~1 ms,
-sha256 0.5 ms). The node process spends ~4.6-5.5 ms of CPU per instance in all, most of it in
-pynetdicom outside the handler: encoding the C-STORE response and decoding the command set through
-pydicom (~40% of the samples holding the GIL), the PDU state machine and its 1 ms polling loops.
-With fsync switched off (measurement only, not an option of the node) the node reached 100/s on one
-association and 125-146/s on four: on 2 shared cores the GIL-bound Python of pynetdicom is the ceiling
-(~1/4.6 ms = ~215/s on a free core), before the disk.
-
-*What changed* (one association: 33/s before, measured at load 8; now 76/s at load 3-5 and
-54-77/s in spot runs at load 5-6): the data set is no longer
-decoded: for Explicit/Implicit VR Little Endian the header is parsed up to (7FE0,xxxx) and the pixel
-data length is read from its element header (compressed syntaxes are still fully decoded, to refuse
-what cannot be decoded later); the file meta header is encoded by hand (pydicom's writer cost 0.4 ms
-per instance) and written with the received bytes as chunks (no re-encoding, no join of 0.5 MB); the
-audit statements are built once with bind parameters and the duplicate check and the write
-transaction share one pooled connection. Kept: fsync of file and folder before success (the folder
-fsync is what makes the rename durable), the audit row before success, SQLite WAL with
-`synchronous=NORMAL` (a commit survives a process crash; a power loss may drop the last commits but
-the spool files they name are already durable). Ways past the ceiling, not done: several SCP
-processes behind one port (SO_REUSEPORT) to leave the GIL, a faster DIMSE layer than pynetdicom's,
-and re-indexing spool files whose audit row a power loss dropped."""
+*Ways past it, not done here:* several SCP processes behind one port (SO_REUSEPORT) to leave the
+single GIL; a faster DIMSE layer than pynetdicom's."""
 
 
 def free_port() -> int:

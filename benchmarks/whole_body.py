@@ -78,9 +78,9 @@ def table(rows: list[str], slab_slices: int, threads: int) -> str:
     return (f"`python benchmarks/whole_body.py --threads {threads}` (processing.slab_slices = {slab_slices}, "
             f"processing.threads = {threads}, fusion on the CPU, "
             "explanations on): one job's `process_job` on spooled files in a fresh process, CT N x 512 x 512 + PET "
-            "N/2 x 256 x 256 (synthetic). Peak RSS is the process's maximum resident set (GB); CPU is the "
+            "N/2 x 256 x 256 (synthetic). Peak RSS is the process's maximum resident set (GiB); CPU is the "
             "process's, all threads; stage columns are CPU ms per fixed slice.\n\n"
-            f"| method | N | peak RSS GB | CPU s | wall s | {head} | load avg |\n"
+            f"| method | N | peak RSS GiB | CPU s | wall s | {head} | load avg |\n"
             f"|---|---|---|---|---|{'---|' * len(STAGES)}---|\n" + "\n".join(rows))
 
 
