@@ -1,9 +1,10 @@
-"""Receive-path benchmark: DCMTK storescu -> the node's StoreSCP, and -> DCMTK storescp.
+"""Receive-path benchmark: DCMTK storescu -> ``dicomnode serve``, and -> DCMTK storescp.
 
 300 synthetic 512x512 int16 CT instances are generated once, then sent ``--reps`` times to each
 receiver with ``TCP_NODELAY=1`` and a 128 KiB PDU, once on one association and once split over
-``--parallel`` concurrent storescu processes (one association each). The node writes a durable
-spool (fsync of file and folder per instance) and a SQLite audit DB, exactly as in service.
+``--parallel`` concurrent storescu processes (one association each). The node is a real
+``dicomnode serve`` process (started per run, measured once idle after its warm-up) with a
+durable spool (fsync of file and folder per instance) and a SQLite audit DB, as deployed.
 storescp runs twice: as is (no fsync) and with a per-file ``sync FILE FOLDER`` run synchronously
 on reception (``-xcr ... -xs``; DCMTK 3.6.7 has no fsync option), the nearest like-for-like.
 Prints medians and ratios; ``--write-docs`` puts them under ``## Receive path`` in
@@ -35,41 +36,30 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TCP_NODELAY="1")
 PDU = 131072
 # Kept with the figures when --write-docs rewrites the section; update after profiling again.
-NOTES = """**Target not reached.** 300 instances/s is not reached on this machine, for one association or
-four, and the numbers say why.
+NOTES = """**Target not reached.** `dicomnode serve` does not reach storescp with fsync, on one
+association or four; these ratios replace earlier ones (1.19 and 1.00) that measured the StoreSCP
+alone inside the benchmark process, not `serve` as deployed.
+
+*What `serve` costs.* The `serve` process spends 5.5-6.4 ms of CPU per instance (its user + system
+time over the run, after its warm-up). Before series bookkeeping left the per-instance path it
+spent 7.6 ms on one association and 11.5 ms on four (same session, load 2.3-3.6, two repetitions
+each): `Node._on_instance` opened an ORM session per instance to read the series' progress. That
+progress now comes back from the instance's own write transaction (`UPDATE ... RETURNING` of the
+series counters, `net/records.py`) and goes with `on_instance`, so completion reads nothing more
+until a series is due.
 
 *The fsync floor.* The spool write is durable before success: temp file, fsync, rename, fsync of
-the folder. On this virtual disk each fsync is an ext4 journal commit (~4 ms floor; a new 0.5 MB
-file + rename + folder fsync ~8 ms median). One association waits for its own two flushes per
-instance, so it cannot exceed ~125-250/s whatever the code does; storescp made to flush each file
-and its folder (`-xcr 'sync #p/#f #p' -xs`) runs at 64/s on one association (DCMTK runs the command
-after answering, before it reads the next instance), and the node now beats it (76/s). Concurrent associations share journal commits (ext4 group commit): 4 associations give
-the node 163/s, the same as storescp with sync (162/s). storescp without fsync (~700/s) promises
-nothing after a power cut; it is the upper bound of the network path, not a like-for-like peer.
+the folder. One association waits for its own flushes per instance; storescp made to flush each
+file and its folder (`-xcr 'sync #p/#f #p' -xs`) runs the sync after answering, so its disk wait
+overlaps the next transfer, which the node's does not. Concurrent associations share journal
+commits, which is why four associations gain more for storescp + sync (its forked processes run
+in parallel) than for the node, whose Python (mostly pynetdicom's DIMSE layer, by the earlier profile) holds
+one GIL: on 2 shared cores ~6 ms of CPU per instance caps it near 160/s. storescp without fsync
+promises nothing after a power cut; it is the upper bound of the network path, not a like-for-like
+peer.
 
-*Where the time goes now* (cProfile of the handler and py-spy `--gil` of the node process, 300
-instances, load 3-6): the C-STORE handler takes a median ~5 ms on one association, of which the two
-fsyncs are ~3.5 ms; its Python work is ~2 ms (header read + checks ~0.6 ms, audit transaction ~1 ms,
-sha256 0.5 ms). The node process spends ~4.6-5.5 ms of CPU per instance in all, most of it in
-pynetdicom outside the handler: encoding the C-STORE response and decoding the command set through
-pydicom (~40% of the samples holding the GIL), the PDU state machine and its 1 ms polling loops.
-With fsync switched off (measurement only, not an option of the node) the node reached 100/s on one
-association and 125-146/s on four: on 2 shared cores the GIL-bound Python of pynetdicom is the ceiling
-(~1/4.6 ms = ~215/s on a free core), before the disk.
-
-*What changed* (one association: 33/s before, measured at load 8; now 76/s at load 3-5 and
-54-77/s in spot runs at load 5-6): the data set is no longer
-decoded: for Explicit/Implicit VR Little Endian the header is parsed up to (7FE0,xxxx) and the pixel
-data length is read from its element header (compressed syntaxes are still fully decoded, to refuse
-what cannot be decoded later); the file meta header is encoded by hand (pydicom's writer cost 0.4 ms
-per instance) and written with the received bytes as chunks (no re-encoding, no join of 0.5 MB); the
-audit statements are built once with bind parameters and the duplicate check and the write
-transaction share one pooled connection. Kept: fsync of file and folder before success (the folder
-fsync is what makes the rename durable), the audit row before success, SQLite WAL with
-`synchronous=NORMAL` (a commit survives a process crash; a power loss may drop the last commits but
-the spool files they name are already durable). Ways past the ceiling, not done: several SCP
-processes behind one port (SO_REUSEPORT) to leave the GIL, a faster DIMSE layer than pynetdicom's,
-and re-indexing spool files whose audit row a power loss dropped."""
+*Ways past it, not done here:* several SCP processes behind one port (SO_REUSEPORT) to leave the
+single GIL; a faster DIMSE layer than pynetdicom's."""
 
 
 def free_port() -> int:
@@ -135,28 +125,54 @@ def run_storescu(files: list[Path], port: int, called: str, associations: int = 
     return seconds
 
 
-def bench_node(files: list[Path], work: Path, associations: int) -> float:
-    sys.path.insert(0, str(REPO))
-    from dicomnode.audit.db import AuditDB
-    from dicomnode.config import load_config
-    from dicomnode.net.scp import StoreSCP
-    from dicomnode.store.spool import Spool
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def wait_idle(pid: int, timeout: float = 120.0) -> None:
+    """Until the process stops using CPU (the node's start-up imports and warm-up are done)."""
+    deadline = time.monotonic() + timeout
+    last = process_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = process_cpu_s(pid)
+        if now - last < 0.05:
+            return
+        last = now
+
+
+def bench_node(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+    """``dicomnode serve`` as deployed: its own process, durable spool, SQLite audit, timers running."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    config = load_config(None, {"node": {"port": free_port(), "max_pdu": PDU, "max_associations": max(10, associations)}})
-    db = AuditDB.open(f"sqlite:///{run_dir / 'audit.db'}")
-    scp = StoreSCP(config, db, Spool(run_dir / "spool"))
-    scp.start()
+    port = free_port()
+    config = run_dir / "node.toml"
+    config.write_text(
+        f'[node]\nport = {port}\nmax_pdu = {PDU}\nmax_associations = {max(10, associations)}\n\n'
+        f'[storage]\nspool_dir = "{run_dir / "spool"}"\ndatabase_url = "sqlite:///{run_dir / "audit.db"}"\n\n'
+        '[logging]\nlevel = "WARNING"\n')
+    env = dict(ENV, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config)], cwd=run_dir,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        seconds = run_storescu(files, scp.port, config.node.ae_title, associations)
+        wait_listening(port, timeout=120.0)
+        wait_idle(proc.pid)
+        cpu = process_cpu_s(proc.pid)
+        seconds = run_storescu(files, port, "DICOMNODE", associations)
+        cpu_ms = (process_cpu_s(proc.pid) - cpu) * 1000 / len(files)
     finally:
-        scp.stop()
-        db.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     stored = len(list((run_dir / "spool" / "incoming").rglob("*.dcm")))
     shutil.rmtree(run_dir)
     if stored != len(files):
         raise RuntimeError(f"node stored {stored} of {len(files)}")
-    return len(files) / seconds
+    return len(files) / seconds, cpu_ms
 
 
 def bench_storescp(files: list[Path], work: Path, associations: int, fsync: bool) -> float:
@@ -212,20 +228,23 @@ def write_docs(text: str) -> None:
 
 
 RECEIVERS = {
-    "node": "dicomnode StoreSCP (file + folder fsync, SQLite audit WAL)",
+    "node": "`dicomnode serve` (file + folder fsync, SQLite audit WAL)",
     "storescp": "DCMTK storescp `--fork -od` (no fsync)",
     "storescp_sync": "DCMTK storescp `--fork -od -xcr 'sync #p/#f #p' -xs`",
 }
 
 
-def bench(name: str, files: list[Path], work: Path, associations: int) -> float:
+def bench(name: str, files: list[Path], work: Path, associations: int) -> tuple[float, float | None]:
+    """(instances/s, CPU ms per instance of the receiver process where measured)."""
     if name == "node":
         return bench_node(files, work, associations)
-    return bench_storescp(files, work, associations, fsync=name == "storescp_sync")
+    return bench_storescp(files, work, associations, fsync=name == "storescp_sync"), None
 
 
-def report(args, size_mb: float, rates: dict, loads: list[float], host: str) -> str:
+def report(args, size_mb: float, rates: dict, loads: list[float], host: str, cpu: dict) -> str:
     rows = []
+    cpu_text = ", ".join(f"{statistics.median(v):.1f} ms on {a} association{'s' if a > 1 else ''}"
+                         for a, v in sorted(cpu.items()))
     for associations in sorted({a for _, a in rates}):
         base = statistics.median(rates[("storescp", associations)])
         synced = statistics.median(rates[("storescp_sync", associations)])
@@ -244,6 +263,8 @@ association each). Median of {args.reps} repetitions, receivers interleaved with
 | receiver | associations | instances/s (median) | all runs | / storescp | / storescp + sync |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+`dicomnode serve` CPU per instance (its process, user + system, median): {cpu_text}.
 
 Machine: {host}. 1-minute load average before each run: min {min(loads):.1f}, median
 {statistics.median(loads):.1f}, max {max(loads):.1f} (other processes share the machine)."""
@@ -270,15 +291,19 @@ def main() -> int:
         print(f"load average {wait_for_quiet(args.max_load, args.load_wait):.1f} at start", flush=True)
     rates: dict[tuple[str, int], list[float]] = {}
     loads: list[float] = []
+    cpu: dict[int, list[float]] = {}
     for rep in range(args.reps):
         # Interleaved so a burst of load elsewhere on the machine hits every receiver alike.
         for associations in (1, args.parallel):
             for name in RECEIVERS:
                 loads.append(os.getloadavg()[0])
-                rates.setdefault((name, associations), []).append(bench(name, files, work, associations))
+                rate, cpu_ms = bench(name, files, work, associations)
+                rates.setdefault((name, associations), []).append(rate)
+                if cpu_ms is not None:
+                    cpu.setdefault(associations, []).append(cpu_ms)
         print(f"rep {rep + 1}: " + "  ".join(f"{n}x{a} {r[-1]:.0f}/s" for (n, a), r in rates.items()), flush=True)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
-    text = report(args, size_mb, rates, loads, machine()) + "\n\n" + NOTES
+    text = report(args, size_mb, rates, loads, machine(), cpu) + "\n\n" + NOTES
     print(text)
     if args.write_docs:
         write_docs(text)

@@ -291,6 +291,12 @@ class QualityConfig(_Section):
 
 class ProcessingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Fixed slices fused, explained and encoded at a time; also caps fusion.batch_size (a slab is
+    # whole batches). Bounds memory: the network's Grad-CAM graph costs ~190 MB per 512x512 slice.
+    slab_slices: int = Field(2, ge=1)
+    # torch CPU threads for fusion; 0 = torch's default (one per core). On cores shared with other
+    # work, 1 halves the CPU per slice (idle threads spin while they wait for a core).
+    threads: int = Field(0, ge=0)
 
 
 class WorkerConfig(_Section):

@@ -24,7 +24,13 @@ from dicomnode.config import Config
 from dicomnode.jobs import create_job, settle_sending_jobs
 from dicomnode.log import SkippedOverlapToDebug, event
 from dicomnode.routing import find_pairings, record_refusal
-from dicomnode.store.series import CompletedSeries, complete_due_series, complete_if_expected, series_progress
+from dicomnode.store.series import (
+    CompletedSeries,
+    SeriesProgress,
+    complete_due_series,
+    complete_if_expected,
+    series_progress,
+)
 from dicomnode.store.spool import Spool
 from dicomnode.worker import JobWorker, ProcessFn, recover
 
@@ -173,17 +179,20 @@ class Node:
         self.stop()
 
     # -- completion and pairing -------------------------------------------------------------
-    def _on_instance(self, series_uid: str) -> None:
+    def _on_instance(self, series_uid: str, progress: SeriesProgress | None = None) -> None:
         """Per stored instance (association thread): complete at once when the expected count arrived.
 
+        ``progress``: the series after this instance, from the instance's own write transaction
+        (no session of its own per instance); read here only when the caller has none.
         An instance for a series already complete reopened it at receive (``series_reopened``):
         the grown series completes again and is paired as a new job.
         """
         new_jobs: list = []
         try:
-            # Cheap read first: association threads only queue on the lock when a series is due.
-            with self.db.session() as session:
-                progress = series_progress(session, series_uid)
+            # Association threads only queue on the lock when a series is due.
+            if progress is None:
+                with self.db.session() as session:
+                    progress = series_progress(session, series_uid)
             if progress is None:
                 return
             if progress.state == SeriesState.complete:

@@ -65,21 +65,24 @@ class ProcessingOutput:
     quality_failures: list[str] = field(default_factory=list)  # metric names worse than their threshold
     # Source values the node had to change to encode legal outputs (e.g. a nonstandard PatientSex).
     input_changes: list[str] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # stage -> process CPU seconds
 
 
 class Stopwatch:
-    """Per-stage wall-clock seconds, in stage order."""
+    """Per-stage wall-clock seconds, in stage order, and the process's CPU seconds (all threads) per stage."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 4)
 
 
 def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> OutputSeries:
@@ -133,13 +136,24 @@ def scale_text(method: str, fusion_config, moving_modality: str, moving_range, f
             f"{fixed_modality} {fixed_range.kind} {fixed_range.describe()}; {where}")
 
 
-def in_body_scale(values, body):
-    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale)."""
+def in_body_scale(values, body, peak: float | None = None):
+    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale).
+
+    ``peak``: that maximum when ``values`` is one slab of the series (``in_body_peak`` of every slab).
+    """
     import numpy as np
 
     inside = np.where(body, values, 0.0).astype(np.float32)
-    peak = float(inside.max()) if inside.size else 0.0
+    if peak is None:
+        peak = in_body_peak(values, body)
     return inside / peak if peak > 0 else inside
+
+
+def in_body_peak(values, body) -> float:
+    import numpy as np
+
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    return float(inside.max()) if inside.size else 0.0
 
 
 def warm_up() -> None:
@@ -162,8 +176,23 @@ def series_identity(ref: SeriesRef):
     return Identity(ref.study_uid, ref.series_uid, ref.patient_id, ref.patient_name, ref.birth_date)
 
 
+def write_stream(spool: Spool, job_id: int, datasets, kind: str) -> OutputSeries:
+    """Write instances to the job's outbox as they come (each is let go once on disk)."""
+    files, series_uid = [], ""
+    for ds in datasets:
+        series_uid = series_uid or str(ds.SeriesInstanceUID)
+        files.append(spool.write_dataset(ds, spool.outbox_dir(job_id, series_uid) / f"{ds.SOPInstanceUID}.dcm"))
+    if not files:
+        raise ValueError(f"{kind} series has no instances")
+    return OutputSeries(series_uid, kind, files)
+
+
 def process_job(inputs: JobInputs) -> ProcessingOutput:
-    """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module)."""
+    """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module).
+
+    Prepare, fuse and explain run slab by slab (``processing.slab_slices``, ``dicomnode.slabs``):
+    no full-series float copy beyond the fixed volume and the resampled moving one.
+    """
     watch = Stopwatch()
     with watch.stage("setup"):  # imports: near zero once warm_up ran
         warm_up()
@@ -172,101 +201,121 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     import torch
 
     from dicomnode.dicomio.derived import normalise_patient_sex
-    from dicomnode.dicomio.parametric_map import build_parametric_map
-    from dicomnode.dicomio.secondary_capture import build_fused_series
-    from dicomnode.fusion.api import fuse
-    from dicomnode.fusion.color import colorize
-    from dicomnode.fusion.colorbar import bar_colours, burn_in, render_bar
-    from dicomnode.fusion.prepare import intensity_range, prepare_intensities
+    from dicomnode.dicomio.parametric_map import STORED_MAX, Quantised, build_parametric_map
+    from dicomnode.dicomio.secondary_capture import FusedSeries
+    from dicomnode.fusion.api import FusionEngine
+    from dicomnode.fusion.color import colorize, luma
+    from dicomnode.fusion.colorbar import bar_colours, render_bar
+    from dicomnode.fusion.prepare import apply_range, intensity_range
     from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
     from dicomnode.imaging.resample import field_of_view, resample_onto
     from dicomnode.imaging.volume import load_series
     from dicomnode.quality.metrics import score_series, threshold_failures
+    from dicomnode.quality.sampling import select_from_profile
+    from dicomnode.slabs import run_slabs, scaled_saliency, scratch_folder, slab_bounds
 
     cfg = inputs.config
+    if cfg.processing.threads:
+        torch.set_num_threads(cfg.processing.threads)
     with watch.stage("load"):
         fixed = load_series(inputs.fixed_files, expect=series_identity(inputs.fixed))
         moving = load_series(inputs.moving_files, expect=series_identity(inputs.moving))
         input_changes = normalise_patient_sex([*fixed.headers, *moving.headers])
     with watch.stage("register"):
         reg = register_volumes(fixed, moving, cfg.registration)
-    with watch.stage("resample"):
-        moving_on_fixed = resample_onto(fixed, moving, reg.transform)
-        fov = field_of_view(fixed, moving, reg.transform)
     with watch.stage("prepare"):
-        fixed_arr = sitk.GetArrayFromImage(fixed.image).astype(np.float32)
-        body = body_mask(fixed_arr, fixed.modality)
+        fixed_arr = sitk.GetArrayViewFromImage(fixed.image)  # float32 (z, y, x), a view: no copy
+        body = body_mask(fixed_arr, fixed.modality)  # before the resampled copy exists: lower peak
+    with watch.stage("resample"):
+        # Only chroma reads the field of view (it fades its colour at the edge); resampled first, so
+        # its float transient meets less held memory.
+        fov = field_of_view(fixed, moving, reg.transform) if inputs.method == CHROMA else None
+        moving_on_fixed = resample_onto(fixed, moving, reg.transform)
+    with watch.stage("prepare"):
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
-        a = prepare_intensities(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
-        b = prepare_intensities(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
         fixed_range = intensity_range(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
         moving_range = intensity_range(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
-        a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
         coloured = moving.modality in FUNCTIONAL and inputs.method != CHROMA  # chroma brings its own colours
-        moving_in = colorize(b_t, cfg.fusion.colormap) if coloured else b_t[:, None]
-    with watch.stage("fuse"):
-        result = fuse(a_t[:, None], moving_in, inputs.method, cfg.processing.device, fusion_config=cfg.fusion,
-                      fov=torch.from_numpy(fov[:, None].astype(np.float32)), modality=moving.modality)
-        fused = result.fused.detach().float().cpu().clamp(0, 1)
-        if fused.shape[1] == 1:
-            fused = fused.repeat(1, 3, 1, 1)
-        # The maps explain the patient, not the air around them: zero outside the body.
-        contribution = result.contribution.detach().float().cpu().numpy() * body
-        saliency = None if result.saliency is None else in_body_scale(result.saliency.detach().float().cpu().numpy(), body)
-    with watch.stage("quality"):
-        # A colour-mapped moving image enters the blend by its colours: score it by their luminance.
-        b_seen = _luma(moving_in).numpy() if moving_in.shape[1] == 3 else b
-        quality = score_series(a * 255.0, b_seen * 255.0, _luma(fused).numpy() * 255.0, tuple(cfg.quality.metrics),
-                               max_slices=cfg.quality.max_slices, round_fused=cfg.quality.round_fused)
-        failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
-    with watch.stage("encode"):
-        rgb = (fused.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        colormap = cfg.fusion.colormap if coloured else None
+        batch, slabs = slab_bounds(fixed_arr.shape[0], cfg.processing.slab_slices, cfg.fusion.batch_size)
+        engine = FusionEngine(inputs.method, cfg.fusion.model_copy(update={"batch_size": batch}),
+                              cfg.processing.device)
         # One colour bar, one place, one scale for the whole series, beside the body on every slice.
-        bar = render_bar(rgb.shape[1:3], body.any(axis=0),
+        bar = render_bar(fixed_arr.shape[1:3], body.any(axis=0),
                          bar_colours(inputs.method, moving.modality in FUNCTIONAL, cfg.fusion, moving.modality),
                          moving_range.low, moving_range.high, moving_range.unit)
-        if bar is not None:
-            burn_in(rgb, bar[0], bar[1])
-        else:
+        if bar is None:
             event(log, "colour_bar_omitted", job_id=inputs.job_id, reason="no_body_free_margin")
-        scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality, fixed_range,
-                           None if bar is None else bar[2])
-        derivation = (
-            f"{moving.modality} series resampled onto the {fixed.modality} grid "
-            f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
-            f"and fused by method {result.method}; {scale}; series quality ({quality.scored} of {rgb.shape[0]} slices) "
-            + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
-        )
-        sc = build_fused_series(fixed, moving, rgb, method=result.method, derivation=derivation,
-                                series_number=series_number(inputs.job_id, "fused", cfg.output.series_number_base),
-                                series_description=reader_description(moving.modality, fixed.modality, moving_range))
-        # (kind, values, HeatmapKind name for quantity + unit, content label, description)
-        maps = [("heatmap", contribution, "contribution", "HEATMAP",
-                 f"{moving.modality} contribution to fused image")]
-        if saliency is not None:
-            maps.append(("saliency", saliency, "saliency", "SALIENCY", "Fusion saliency"))
+    with scratch_folder(inputs.spool.outbox / str(int(inputs.job_id))) as scratch:
+        with watch.stage("fuse"):  # prepare -> fuse -> explain, slab by slab
+            done = run_slabs(engine, fixed_arr, moving_on_fixed, fov, body, fixed_range, moving_range,
+                             colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch),
+                             bar=bar)
+        with watch.stage("quality"):
+            # Sampled as the whole series would be, then only the sampled slices are prepared again.
+            selection = select_from_profile(done.flat, done.signal, cfg.quality.max_slices)
+            idx = np.asarray(selection.scored, dtype=np.intp)
+            b_k = apply_range(moving_on_fixed[idx], moving_range)
+            b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
+            sample = score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
+                                  done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
+                                  round_fused=cfg.quality.round_fused)
+            quality = spread_quality(sample, selection, fixed_arr.shape[0])
+            failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        count = fixed_arr.shape[0]
+        # Encoding needs the fixed grid's geometry, not its voxels: a whole-body float volume less.
+        del moving_on_fixed, fov, fixed_arr
+        fixed = geometry_only(fixed)
+        with watch.stage("encode"):
+            scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
+                               fixed_range, None if bar is None else bar[2])
+            derivation = (
+                f"{moving.modality} series resampled onto the {fixed.modality} grid "
+                f"({reg.skipped_reason or 'registered: ' + ', '.join(s.name for s in reg.stages if s.kept)}) "
+                f"and fused by method {done.method}; {scale}; series quality ({quality.scored} of "
+                f"{count} slices) " + ", ".join(f"{k}={v:.4g}" for k, v in quality.summary.items())
+            )
+        with watch.stage("write"):  # SC instances are encoded and written one at a time
+            sc = FusedSeries(fixed, moving, done.rgb, method=done.method, derivation=derivation,
+                             series_number=series_number(inputs.job_id, "fused", cfg.output.series_number_base),
+                             series_description=reader_description(moving.modality, fixed.modality, moving_range))
+            series = [write_stream(inputs.spool, inputs.job_id, sc, "fused")]
+        unit = 1.0 / STORED_MAX  # quantise's slope on the 0..1 range the maps were stored on
+        # (kind, stage, values when needed, HeatmapKind name for quantity + unit, content label, description):
+        # one map in memory at a time.
+        maps = [("heatmap", "encode", lambda: Quantised(done.contribution.read(0, done.contribution.count), unit, 0.0),
+                 "contribution", "HEATMAP", f"{moving.modality} contribution to fused image")]
+        if done.peak is not None:
+            maps.append(("saliency", "explain", lambda: Quantised(scaled_saliency(done, body, slabs), unit, 0.0),
+                         "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
-            maps.append(("displacement", sitk.GetArrayFromImage(reg.displacement_mm).astype(np.float32),
+            maps.append(("displacement", "encode", lambda: sitk.GetArrayViewFromImage(reg.displacement_mm),
                          "displacement", "DISPLACEMENT", "Registration displacement mm"))
-        pms = [
-            (kind, build_parametric_map(fixed, values, content_label=label, quantity=quantity,
-                                        series_number=series_number(inputs.job_id, kind, cfg.output.series_number_base), series_description=description,
-                                        sources=[fixed, moving], method=result.method))
-            for kind, values, quantity, label, description in maps
-        ]
-    with watch.stage("write"):
-        series = [write_series(inputs.spool, inputs.job_id, sc, "fused")]
-        series += [write_series(inputs.spool, inputs.job_id, [pm], kind) for kind, pm in pms]
+        for kind, stage, values, quantity, label, description in maps:
+            with watch.stage(stage):
+                values = values()
+            with watch.stage("encode"):
+                pm = build_parametric_map(fixed, values, content_label=label, quantity=quantity,
+                                          series_number=series_number(inputs.job_id, kind,
+                                                                      cfg.output.series_number_base),
+                                          series_description=description, sources=[fixed, moving],
+                                          method=done.method)
+            del values
+            with watch.stage("write"):
+                series.append(write_series(inputs.spool, inputs.job_id, [pm], kind))
+            del pm
+        method = done.method
+        done.close()
     with watch.stage("registration_objects"):  # the registration itself, for planning systems and viewers
         from dicomnode.dicomio.registration import registration_objects
 
+        numbers = {k: series_number(inputs.job_id, k, cfg.output.series_number_base)
+                   for k in ("registration", "deformable_registration")}
         series += [write_series(inputs.spool, inputs.job_id, [ds], kind) for kind, ds in registration_objects(
-            fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm,
-            series_numbers={k: series_number(inputs.job_id, k, cfg.output.series_number_base) for k in ("registration", "deformable_registration")})]
-    event(log, "job_processed", job_id=inputs.job_id, method=result.method, slices=rgb.shape[0], outputs=len(series),
-          seconds=round(sum(watch.seconds.values()), 2))
+            fixed, moving, reg, grid_mm=cfg.registration.dicom_grid_mm, series_numbers=numbers)]
+    event(log, "job_processed", job_id=inputs.job_id, method=method, slices=count,
+          slab_slices=slabs[0][1] - slabs[0][0], outputs=len(series), seconds=round(sum(watch.seconds.values()), 2))
     return ProcessingOutput(
         series=series,
         timings={**watch.seconds, "total_s": round(sum(watch.seconds.values()), 4)},
@@ -275,4 +324,28 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         summary=dict(quality.summary),
         quality_failures=failures,
         input_changes=input_changes,
+        cpu_seconds=dict(watch.cpu_seconds),
     )
+
+
+def geometry_only(volume):
+    """``volume`` with its voxels replaced by a uint8 image of the same grid (size, spacing, origin,
+    direction): what encoding reads, at a quarter of the memory."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    shell = sitk.Image(volume.image.GetSize(), sitk.sitkUInt8)
+    shell.CopyInformation(volume.image)
+    return dataclasses.replace(volume, image=shell)
+
+
+def spread_quality(sample, selection, count: int):
+    """The quality of the sampled slices as the whole series' quality: NaN rows for the others."""
+    from dataclasses import replace
+
+    nan = {name: float("nan") for name in sample.names}
+    per_slice = [dict(nan) for _ in range(count)]
+    for row, i in zip(sample.per_slice, selection.scored, strict=True):
+        per_slice[i] = row
+    return replace(sample, per_slice=per_slice, skipped=list(selection.blank), scored_slices=list(selection.scored))

@@ -123,22 +123,52 @@ class Quantised:
     intercept: float
 
 
-def quantise(values: np.ndarray, value_range: tuple[float, float] | None = None) -> Quantised:
-    """Map values linearly onto 0..65535; values outside ``value_range`` are clipped, NaN -> range low."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
+# Slices converted to float64 at a time by ``quantise``: the map is never copied whole in float64.
+_QUANTISE_SLICES = 8
+
+
+def value_bounds(values: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values, slab by slab; EncodingError when there is none."""
+    values = np.asarray(values)
+    lo, hi = np.inf, -np.inf
+    for part in _slabs(values):
+        finite = part[np.isfinite(part)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if lo > hi:
+        raise EncodingError("heat map has no finite values")
+    return lo, hi
+
+
+def _slabs(values: np.ndarray):
+    if values.ndim < 2:
+        yield values
+        return
+    for i in range(0, values.shape[0], _QUANTISE_SLICES):
+        yield values[i : i + _QUANTISE_SLICES]
+
+
+def quantise(values: np.ndarray, value_range: tuple[float, float] | None = None,
+             out: np.ndarray | None = None) -> Quantised:
+    """Map values linearly onto 0..65535; values outside ``value_range`` are clipped, NaN -> range low.
+
+    Works through the slices a few at a time (linear time, bounded memory); ``out``: a uint16 array
+    of ``values``' shape to fill (e.g. a slab of a series-wide buffer).
+    """
+    values = np.asarray(values)
     if value_range is None:
-        if not finite.any():
-            raise EncodingError("heat map has no finite values")
-        lo, hi = float(values[finite].min()), float(values[finite].max())
+        lo, hi = value_bounds(values)
     else:
         lo, hi = (float(v) for v in value_range)
         if not hi >= lo:
             raise EncodingError(f"value range {value_range} is empty")
     # A constant map still needs a positive slope for the mapping to be valid.
     slope = (hi - lo) / STORED_MAX if hi > lo else 1.0 / STORED_MAX
-    clean = np.where(finite, np.clip(values, lo, hi), lo)
-    stored = np.round((clean - lo) / slope).clip(0, STORED_MAX).astype(np.uint16)
+    stored = np.empty(values.shape, np.uint16) if out is None else out
+    for part, target in zip(_slabs(values), _slabs(stored), strict=True):
+        part = np.asarray(part, dtype=np.float64)
+        clean = np.where(np.isfinite(part), np.clip(part, lo, hi), lo)
+        target[...] = np.round((clean - lo) / slope).clip(0, STORED_MAX).astype(np.uint16)
     return Quantised(stored=stored, slope=slope, intercept=lo)
 
 
@@ -151,7 +181,7 @@ class ParametricMapSeries:
     ``EncodingError`` with the reason. ``dataset`` is then complete: no caller adds to or repairs it.
 
     values: (N, rows, columns) float real-world values, stored as uint16 with a linear Real World
-    Value Mapping. highdicom stores the frames in its own spatial order (for axial slices, z
+    Value Mapping, or a ``Quantised`` already made slab by slab by ``quantise``. highdicom stores the frames in its own spatial order (for axial slices, z
     decreasing): read them back by their per-frame positions (``decode_parametric_map``).
     ``quantity`` is a Code or a HeatmapKind name (its unit is then implied); ``unit``: a Code or a
     UCUM code string ("1", "mm"). ``sources``: the input volumes, all referenced (the fixed one always is).
@@ -184,14 +214,17 @@ class ParametricMapSeries:
         check_frame_of_reference(fixed)
         others = [v for v in sources if v.series_uid != fixed.series_uid]
         check_sources(others)
-        values = np.asarray(values)
-        check_stack(values, fixed, rows, cols, "heat map", channels=None)
+        if isinstance(values, Quantised):  # quantised slab by slab by the caller
+            check_stack(values.stored, fixed, rows, cols, "heat map", channels=None)
+        else:
+            values = np.asarray(values)
+            check_stack(values, fixed, rows, cols, "heat map", channels=None)
         self.series_number = check_series_number(series_number)
         self.label = valid_content_label(content_label)
         description = derived_series_description(check_text(series_description, "series description"))
         derivation_text = derivation_description(check_text(method, "fusion method"),
                                                  check_text(derivation, "derivation") or quantity.meaning)
-        self.quantised = q = quantise(values, value_range)
+        self.quantised = q = values if isinstance(values, Quantised) else quantise(values, value_range)
         mapping = RealWorldValueMapping(
             lut_label=self.label,
             lut_explanation=f"{quantity.meaning} ({unit.value})"[:64],

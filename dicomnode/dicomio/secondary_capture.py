@@ -63,7 +63,8 @@ class FusedSeries:
     Iterating then yields the instances, each complete (no caller adds to or repairs them), one
     at a time so a caller can write each and let it go (``list()`` them to hold them all).
 
-    rgb: (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
+    rgb: an array, or anything with shape, dtype and one plane per integer index
+    (``dicomnode.slabs.ScratchStack``), (N, rows, columns, 3) uint8 with N == len(fixed.headers), slice k on fixed.headers[k]
     (increasing z). Instances come and are numbered (1..N) in ``display_order``, the order of
     the Parametric Map frames (head to feet for axial slices).
     """
@@ -82,7 +83,9 @@ class FusedSeries:
         rows, cols = check_fixed_geometry(fixed)
         check_frame_of_reference(fixed)
         check_sources([moving])
-        rgb = np.asarray(rgb)
+        # An array, or anything with shape, dtype and one plane per index (slabs.ScratchStack):
+        # a whole-body series is then never held in memory at once.
+        rgb = rgb if hasattr(rgb, "shape") and hasattr(rgb, "dtype") else np.asarray(rgb)
         if rgb.dtype != np.uint8:
             raise EncodingError(f"fused slices must be uint8 RGB, got {rgb.dtype}")
         check_stack(rgb, fixed, rows, cols, "fused RGB stack", channels=3)
@@ -144,7 +147,10 @@ class FusedSeries:
         sc.DerivationCodeSequence = DicomSequence([spatial_resampling()])
         # Every source series: this fixed slice and the moving slices that overlap it.
         sc.SourceImageSequence = DicomSequence([source_image_item(h) for h in (header, *moving_slices)])
-        sc.update(common_instance_references(fixed.study_uid, [(fixed, [header]), (moving, moving.headers)]))
+        # Its own sources only (never every moving instance: that grew as N fixed x M moving); a
+        # slice beyond the moving field of view references the fixed series alone.
+        sources = [(fixed, [header])] + ([(moving, moving_slices)] if moving_slices else [])
+        sc.update(common_instance_references(fixed.study_uid, sources))
         copy_study_and_deidentification(sc, header)
         clipped = clip_copied_strings(sc)
         if clipped:

@@ -147,12 +147,14 @@ class FusionEngine:
         self._lift = 0.0
 
     def fuse(self, fixed: torch.Tensor, moving: torch.Tensor, colormap: str | None = None,
-             fov: torch.Tensor | None = None, modality: str | None = None) -> FusionResult:
+             fov: torch.Tensor | None = None, modality: str | None = None, scale_saliency: bool = True) -> FusionResult:
         """fixed: (N,1,H,W) grey in [0,1]; moving: (N,1,H,W) grey or (N,3,H,W) RGB.
 
         ``colormap``: colour-map a grey moving image first (functional modalities; not chroma,
         which has its own). ``fov``: (N,1,H,W) 1 inside the moving field of view (chroma fades its
         colour out at that edge). ``modality``: the moving modality (chroma's luminance lift).
+        ``scale_saliency`` False returns the raw saliency, for a caller that scales a series it
+        fuses slab by slab itself (``series_scale`` over all slabs).
         """
         self._lift = dict(self.config.chroma_lift).get((modality or "").upper(), 0.0)
         if fixed.ndim != 4 or fixed.shape[1] != 1:
@@ -163,7 +165,9 @@ class FusionEngine:
         parts = [self._fuse_batch(fixed[i : i + step], moving[i : i + step], colormap,
                                   None if fov is None else fov[i : i + step])
                  for i in range(0, fixed.shape[0], step)]
-        saliency = None if parts[0][2] is None else series_scale(torch.cat([p[2] for p in parts]))
+        saliency = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        if saliency is not None and scale_saliency:
+            saliency = series_scale(saliency)
         return FusionResult(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), saliency, self.method)
 
     def _fuse_batch(self, fixed: torch.Tensor, moving: torch.Tensor, colormap: str | None, fov: torch.Tensor | None):

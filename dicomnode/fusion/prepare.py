@@ -98,7 +98,12 @@ def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fus
     CT is windowed (values outside clip); the other modalities are scaled by ``intensity_range``.
     """
     array = np.asarray(array, dtype=np.float32)
-    window = intensity_range(array, modality, units, fusion_config, body_part)
+    return apply_range(array, intensity_range(array, modality, units, fusion_config, body_part))
+
+
+def apply_range(array: np.ndarray, window: DisplayRange) -> np.ndarray:
+    """``array`` mapped to float32 [0, 1] by a series-wide ``window`` (any slab of the series alike)."""
+    array = np.asarray(array, dtype=np.float32)
     if window.kind == "window":
         return _window(array, (window.low + window.high) / 2, window.high - window.low).astype(np.float32)
     return _scale(array, window.low, window.high).astype(np.float32)

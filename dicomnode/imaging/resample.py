@@ -8,6 +8,22 @@ import SimpleITK as sitk
 from dicomnode.imaging.volume import Volume
 
 
+class ImageArray(np.ndarray):
+    """A NumPy view of a SimpleITK image's buffer that keeps the image alive (no copy of the grid).
+
+    Views and slices of it hold it through ``base``, so the buffer lives as long as any of them;
+    arrays computed from it are new arrays and hold nothing.
+    """
+
+    image: sitk.Image | None = None
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> ImageArray:
+        view = sitk.GetArrayViewFromImage(image).view(cls)
+        view.image = image
+        return view
+
+
 def resample_image(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
                    default: float = 0.0) -> sitk.Image:
     """``moving`` on ``fixed``'s grid (linear, float32); ``transform`` maps fixed LPS points to moving ones."""
@@ -23,11 +39,13 @@ def resample_onto(fixed: Volume, moving: Volume, transform: sitk.Transform | Non
     """
     background = float(sitk.GetArrayViewFromImage(moving.image).min())
     out = resample_image(fixed.image, moving.image, transform, background)
-    return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)
+    return ImageArray.of(out)
 
 
 def field_of_view(fixed: Volume, moving: Volume, transform: sitk.Transform | None = None) -> np.ndarray:
     """Boolean (z, y, x) on the fixed grid: True where the moving image has data (inside its FOV)."""
     ones = sitk.Image(moving.image.GetSize(), sitk.sitkFloat32) + 1.0
     ones.CopyInformation(moving.image)
-    return sitk.GetArrayFromImage(resample_image(fixed.image, ones, transform, 0.0)) > 0.5
+    on_fixed = resample_image(fixed.image, ones, transform, 0.0)
+    # Compared through a view while the image lives: no float copy of a whole-body grid.
+    return sitk.GetArrayViewFromImage(on_fixed) > 0.5

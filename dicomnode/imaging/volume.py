@@ -152,7 +152,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     if factor is not None:
         image = image * factor
     vol = Volume(
-        image=sitk.Cast(image, sitk.sitkFloat32),
+        image=image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32),
         modality=modality,
         units=units,
         study_uid=str(first.get("StudyInstanceUID", "")),
@@ -364,7 +364,14 @@ def _stack(slices: list[_Slice]) -> tuple[sitk.Image, list[_Slice]]:
         dz = float(h.get("SpacingBetweenSlices") or h.get("SliceThickness") or 1.0)
     if not all(np.isfinite(v) and v > 0 for v in (*ref.pixel_spacing, dz)):
         raise VolumeError(f"degenerate voxel spacing {ref.pixel_spacing} x {dz}")
-    image = sitk.GetImageFromArray(np.stack([s.pixels for s in ordered]))
+    # Filled slice by slice, each slice's own copy let go once stacked: a whole-body series is held
+    # twice at most (the stack and the image made from it), not three times.
+    stack = np.empty((len(ordered), *ref.pixels.shape), np.float32)
+    for i, s in enumerate(ordered):
+        stack[i] = s.pixels
+        s.pixels = None
+    image = sitk.GetImageFromArray(stack)
+    del stack
     image.SetSpacing((ref.pixel_spacing[1], ref.pixel_spacing[0], dz))  # PixelSpacing is (row, column)
     image.SetOrigin(tuple(ordered[0].position))
     image.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))

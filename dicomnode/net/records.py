@@ -21,6 +21,7 @@ from dicomnode.audit.models import Association, Instance, Rejection, Series, Ser
 from dicomnode.identity import Identity, identity_differences
 from dicomnode.log import event as log_event
 from dicomnode.net.validate import STATUS_DATASET_MISMATCH, STATUS_DB_UNAVAILABLE, InstanceInfo, RejectedInstance
+from dicomnode.store.series import SeriesProgress
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,15 @@ class StoreStatements:
     def build(cls) -> StoreStatements:
         bump = update(Series).where(Series.id == bindparam("series_pk"))
         counted = {"received_count": Series.received_count + 1, "last_received_at": bindparam("now")}
+        # The grown series' progress comes back from the same statement: completion needs no second read.
+        progress = (Series.state, Series.received_count, Series.expected_count)
         return cls(
             exists=select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop")),
             series_id=select(Series.id, Series.state, Series.study_uid, Series.patient_id, Series.patient_name,
                              Series.birth_date).where(Series.series_uid == bindparam("uid")),
             insert_series=insert(Series),
-            bump_series=bump.values(**counted),
-            bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")),
+            bump_series=bump.values(**counted).returning(*progress),
+            bump_series_expected=bump.values(**counted, expected_count=bindparam("expected")).returning(*progress),
             insert_instance=insert(Instance),
             flag_series=update(Series)
             .where(Series.id == bindparam("series_pk"), Series.identity_conflict.is_(None))
@@ -61,6 +64,15 @@ class StoreStatements:
             .where(Series.id == bindparam("series_pk"), Series.state == SeriesState.complete)
             .values(state=SeriesState.receiving, revision=Series.revision + 1, completed_at=None, completion_reason=None),
         )
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one instance did: ``stored`` or ``duplicate``, and its series' progress after it
+    (None for a duplicate), read in the instance's own write transaction."""
+
+    outcome: str
+    progress: SeriesProgress | None = None
 
 
 def identity_conflict(series_row, info: InstanceInfo) -> str | None:
@@ -146,8 +158,8 @@ class ReceiveRecorder:
 
     def instance(
         self, conn: Connection, info: InstanceInfo, spool_path: Path, size: int, sha256: str, assoc_id: int | None, calling: str
-    ) -> str:
-        """Record a spooled instance and grow its series in one short transaction; ``stored`` or ``duplicate``.
+    ) -> Recorded:
+        """Record a spooled instance and grow its series in one short transaction (``Recorded``).
 
         Raises RejectedInstance when the row cannot be written, or (0xA900) when the instance's
         patient or study identity differs from its series (the series is then flagged, in the same
@@ -160,8 +172,8 @@ class ReceiveRecorder:
             try:
                 with conn.begin():
                     if conn.execute(sql.exists, {"sop": info.sop_instance_uid}).first() is not None:
-                        return "duplicate"  # another association stored it meanwhile
-                    series_id, conflict = self._upsert_series(conn, info, calling)
+                        return Recorded("duplicate")  # another association stored it meanwhile
+                    series_id, conflict, progress = self._upsert_series(conn, info, calling)
                     if conflict is not None:
                         conn.execute(sql.flag_series, {"series_pk": series_id, "conflict": conflict})
                     else:
@@ -181,17 +193,19 @@ class ReceiveRecorder:
                         )
                 if conflict is not None:
                     raise RejectedInstance(STATUS_DATASET_MISMATCH, conflict)
-                return "stored"
+                return Recorded("stored", progress)
             except IntegrityError:
                 if attempt == 0:
                     continue  # a concurrent association created the series or instance row first
                 raise RejectedInstance(STATUS_DB_UNAVAILABLE, "audit database conflict persisted after a retry") from None
             except SQLAlchemyError as exc:
                 raise _db_unavailable(exc) from exc
-        return "stored"  # unreachable; keeps type checkers content
+        return Recorded("stored")  # unreachable; keeps type checkers content
 
-    def _upsert_series(self, conn: Connection, info: InstanceInfo, calling: str) -> tuple[int, str | None]:
-        """The series row's id, created or grown; with the reason when the instance does not belong to it."""
+    def _upsert_series(self, conn: Connection, info: InstanceInfo, calling: str
+                       ) -> tuple[int, str | None, SeriesProgress | None]:
+        """The series row's id, created or grown; with the reason when the instance does not belong to it,
+        and the grown series' progress."""
         sql = self._sql
         now = datetime.now(timezone.utc)
         row = conn.execute(sql.series_id, {"uid": info.series_uid}).first()
@@ -216,11 +230,12 @@ class ReceiveRecorder:
                 },
             )
             log_event(log, "series_started", series=info.series_uid, modality=info.modality, calling_ae=calling, expected=info.expected_count)
-            return int(result.inserted_primary_key[0]), None
+            return (int(result.inserted_primary_key[0]), None,
+                    SeriesProgress(SeriesState.receiving, 1, info.expected_count))
         series_id = int(row.id)
         conflict = identity_conflict(row, info)
         if conflict is not None:
-            return series_id, conflict
+            return series_id, conflict, None
         if row.state == SeriesState.complete:
             # A late instance: the series grows again and completes anew, so it is fused as a new
             # job (its revision) instead of being silently left out of the one already made.
@@ -228,10 +243,11 @@ class ReceiveRecorder:
             log_event(log, "series_reopened", logging.WARNING, series=info.series_uid, sop=info.sop_instance_uid,
                       note="instance arrived after the series completed")
         if info.expected_count is None:
-            conn.execute(sql.bump_series, {"series_pk": series_id, "now": now})
+            grown = conn.execute(sql.bump_series, {"series_pk": series_id, "now": now}).one()
         else:
-            conn.execute(sql.bump_series_expected, {"series_pk": series_id, "now": now, "expected": info.expected_count})
-        return series_id, None
+            grown = conn.execute(sql.bump_series_expected,
+                                 {"series_pk": series_id, "now": now, "expected": info.expected_count}).one()
+        return series_id, None, SeriesProgress(SeriesState(grown.state), grown.received_count, grown.expected_count)
 
     # -- rejections ------------------------------------------------------------------------
     def rejection(

@@ -2,7 +2,8 @@
 
 A C-STORE handler only validates, writes the file atomically (fsynced) and records the instance;
 the success status goes out after both. Everything else (completion, pairing, processing) runs
-elsewhere; ``on_instance(series_uid)`` lets it know that a series grew. The audit rows
+elsewhere; ``on_instance(series_uid, progress)`` lets it know that a series grew and where it
+stands (``SeriesProgress``, from the instance's own transaction). The audit rows
 themselves are written by ``dicomnode.net.records``.
 """
 
@@ -24,7 +25,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode.audit.db import AuditDB
 from dicomnode.config import Config, TLSConfig
 from dicomnode.log import event as log_event
-from dicomnode.net.records import ReceiveRecorder
+from dicomnode.net.records import ReceiveRecorder, Recorded
 from dicomnode.net.server import start_server
 from dicomnode.net.validate import (
     STATUS_CANNOT_UNDERSTAND,
@@ -38,6 +39,7 @@ from dicomnode.net.validate import (
     read_deflated_header,
     read_header,
 )
+from dicomnode.store.series import SeriesProgress
 from dicomnode.store.spool import Spool, SpoolError, part10_header
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ class StoreSCP:
         config: Config,
         db: AuditDB,
         spool: Spool,
-        on_instance: Callable[[str], None] | None = None,
+        on_instance: Callable[[str, SeriesProgress | None], None] | None = None,
     ):
         self.config = config
         self.db = db
@@ -285,9 +287,10 @@ class StoreSCP:
         except RejectedInstance as exc:
             return self._reject(raw, assoc_id, calling, sop_class, sop_uid, exc)
         try:
-            outcome = self._store(raw, len(raw[0]) + len(body), info, assoc_id, calling)
+            recorded = self._store(raw, len(raw[0]) + len(body), info, assoc_id, calling)
         except RejectedInstance as exc:
             return self._reject(raw, assoc_id, calling, sop_class, sop_uid, exc)
+        outcome = recorded.outcome
         log_event(
             log,
             "instance_stored" if outcome == "stored" else "instance_duplicate",
@@ -300,7 +303,7 @@ class StoreSCP:
         )
         if self.on_instance is not None and outcome == "stored":
             try:
-                self.on_instance(info.series_uid)
+                self.on_instance(info.series_uid, recorded.progress)
             except Exception as exc:  # the instance is safely stored; a listener bug must not fail it
                 log_event(log, "on_instance_failed", logging.ERROR, series=info.series_uid, error=repr(exc))
         return STATUS_SUCCESS
@@ -327,8 +330,8 @@ class StoreSCP:
             ds.file_meta.TransferSyntaxUID = syntax
         return check_instance(ds, sop_class, sop_uid, syntax)
 
-    def _store(self, raw, size: int, info: InstanceInfo, assoc_id: int | None, calling: str) -> str:
-        """Spool then record one valid instance; ``stored`` or ``duplicate``; RejectedInstance on failure.
+    def _store(self, raw, size: int, info: InstanceInfo, assoc_id: int | None, calling: str) -> Recorded:
+        """Spool then record one valid instance (``Recorded``); RejectedInstance on failure.
 
         One pooled connection does the duplicate check, then (after the durable spool write) one
         short write transaction (see ReceiveRecorder.instance).
@@ -336,7 +339,7 @@ class StoreSCP:
         lock = self._instance_locks[hash(info.sop_instance_uid) % _INSTANCE_LOCKS]
         with lock, self.records.connect() as conn:
             if self.records.is_duplicate(conn, info.sop_instance_uid):
-                return "duplicate"
+                return Recorded("duplicate")
             try:
                 path = self.spool.write_incoming(raw, study_uid=info.study_uid, series_uid=info.series_uid, sop_uid=info.sop_instance_uid)
             except SpoolError as exc:

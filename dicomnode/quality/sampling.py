@@ -45,14 +45,19 @@ def select_slices(a: np.ndarray, b: np.ndarray, max_slices: int = 0) -> SliceSel
 
     A slice has content unless both sources are constant on it (blank slices beyond the body).
     """
-    n = a.shape[0]
-    if not n:
+    if not a.shape[0]:
         return SliceSelection([], [], None)
     flat = (np.ptp(a, axis=(1, 2)) == 0) & (np.ptp(b, axis=(1, 2)) == 0)
+    return select_from_profile(flat, b.sum(axis=(1, 2), dtype=np.float64), max_slices)
+
+
+def select_from_profile(flat: np.ndarray, signal: np.ndarray, max_slices: int = 0) -> SliceSelection:
+    """``select_slices`` from per-slice facts gathered slab by slab: ``flat`` (both sources constant)
+    and ``signal`` (the moving image's sum), so a streamed series is sampled as a whole one is."""
+    flat, signal = np.asarray(flat, dtype=bool), np.asarray(signal, dtype=np.float64)
     content = [int(i) for i in np.flatnonzero(~flat)]
     blank = [int(i) for i in np.flatnonzero(flat)]
     if not content:
         return SliceSelection([], blank, None)
-    signal = b.sum(axis=(1, 2), dtype=np.float64)[content]  # no copy of the content slices
-    peak = content[int(np.argmax(signal))]  # first of equal maxima: deterministic
+    peak = content[int(np.argmax(signal[content]))]  # first of equal maxima: deterministic
     return SliceSelection(stratified_pick(content, max_slices, keep=peak), blank, peak)

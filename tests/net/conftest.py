@@ -26,6 +26,7 @@ class Node:
     spool: Spool
     scp: StoreSCP
     nudges: list[str] = field(default_factory=list)
+    progress: list = field(default_factory=list)  # the SeriesProgress each nudge carried
 
     @property
     def port(self) -> int:
@@ -40,9 +41,15 @@ def start_node(tmp_path: Path, db: AuditDB | None = None, **overrides) -> Node:
     db = db or AuditDB.open(f"sqlite:///{tmp_path / 'audit.db'}")
     spool = Spool(tmp_path / "spool")
     nudges: list[str] = []
-    scp = StoreSCP(config, db, spool, on_instance=nudges.append)
+    progress: list = []
+
+    def nudge(series_uid, series_progress) -> None:
+        nudges.append(series_uid)
+        progress.append(series_progress)
+
+    scp = StoreSCP(config, db, spool, on_instance=nudge)
     scp.start()
-    return Node(config, db, spool, scp, nudges)
+    return Node(config, db, spool, scp, nudges, progress)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from dicomnode.audit.models import Association, Instance, Rejection, Series
 
+from tests.backends import BACKENDS, open_test_db
 from tests.net.conftest import make_ct, start_node
 
 
@@ -151,6 +152,33 @@ def test_synthetic_series_counts_and_nudges(node):
         row = s.scalars(select(Series)).one()
         assert (row.received_count, row.study_uid, row.patient_id) == (5, "1.2.3.4", "TEST001")
         assert row.last_received_at >= row.first_received_at
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_nudge_carries_its_series_progress_from_the_instance_transaction(tmp_path, backend):
+    """Completion reads no series row per instance: the grown counts come with the nudge."""
+    with open_test_db(backend, tmp_path) as db:
+        node = start_node(tmp_path, db)
+        try:
+            _send_and_check_progress(node)
+        finally:
+            node.scp.stop()
+
+
+def _send_and_check_progress(node):
+    from dicomnode.audit.models import SeriesState
+
+    datasets = [make_ct(series_uid="1.2.3.4.5.7", study_uid="1.2.3.4", index=i) for i in range(1, 5)]
+    assoc = associate(node, (datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID))
+    assert [assoc.send_c_store(ds).Status for ds in datasets] == [0] * 4
+    assert assoc.send_c_store(datasets[0]).Status == 0  # a repeat: no nudge, no progress
+    assoc.release()
+    assert [p.received_count for p in node.progress] == [1, 2, 3, 4]
+    assert all(p.state == SeriesState.receiving for p in node.progress)
+    with node.db.session() as s:
+        row = s.scalars(select(Series)).one()
+    assert (node.progress[-1].received_count, node.progress[-1].expected_count) == (row.received_count,
+                                                                                    row.expected_count)
 
 
 def test_allowed_callers_reject_unknown_ae_and_wrong_host(tmp_path):
