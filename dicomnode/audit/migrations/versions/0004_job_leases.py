@@ -1,7 +1,7 @@
 """job claims: worker id and lease expiry on jobs
 
 Revision ID: 0004
-Revises: 0002_recv
+Revises: 0002
 Create Date: 2026-12-04
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 
 revision = '0004'
-down_revision = '0002_recv'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 

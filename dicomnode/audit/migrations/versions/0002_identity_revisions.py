@@ -1,6 +1,6 @@
 """series identity conflicts and revisions, jobs per series revision, purged instances
 
-Revision ID: 0002_recv
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-04
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002_recv'
+revision = '0002'
 down_revision = '0001'
 branch_labels = None
 depends_on = None
