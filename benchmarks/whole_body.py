@@ -84,16 +84,17 @@ def table(rows: list[str], slab_slices: int, threads: int) -> str:
             f"|---|---|---|---|---|{'---|' * len(STAGES)}---|\n" + "\n".join(rows))
 
 
-def write_docs(text: str) -> None:
-    doc = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- whole-body:begin -->", "<!-- whole-body:end -->"
+
+
+def write_docs(text: str, doc: Path | None = None) -> None:
+    """Replace only the marked table block of docs/benchmarks.md; the hand-written analysis stays."""
+    doc = doc or REPO / "docs" / "benchmarks.md"
     content = doc.read_text()
-    heading = "## Whole-body studies"
-    if heading not in content:
-        content = content.rstrip() + f"\n\n{heading}\n"
-    start = content.index(heading) + len(heading)
-    nxt = content.find("\n## ", start)
-    tail = "" if nxt < 0 else "\n" + content[nxt + 1:]
-    doc.write_text(content[:start] + "\n\n" + text.strip() + "\n" + tail)
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"docs/benchmarks.md has no {BEGIN} ... {END} block to rewrite")
+    start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
+    doc.write_text(content[:start] + "\n" + text.strip() + "\n" + content[end:])
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The registration benchmark rewrites only its generated block of docs/benchmarks.md."""
+"""The benchmarks rewrite only their generated blocks of docs/benchmarks.md."""
 
 import importlib.util
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "registration.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("registration_benchmark", SCRIPT)
+def _load(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem + "_benchmark", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -26,3 +26,20 @@ def test_write_docs_keeps_hand_written_text(tmp_path):
     fresh = tmp_path / "fresh.md"
     bench._write_docs(fresh, "first table")
     assert fresh.read_text().count("## Registration") == 1 and "first table" in fresh.read_text()
+
+
+def test_whole_body_write_docs_keeps_hand_written_text(tmp_path):
+    import pytest
+
+    bench = _load(SCRIPT.with_name("whole_body.py"))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"## Whole-body studies\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nanalysis\n\n## Next\nnext text\n")
+    bench.write_docs("new table", doc)
+    text = doc.read_text()
+    assert "new table" in text and "old table" not in text
+    assert "analysis" in text and "## Next\nnext text" in text
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("## Whole-body studies\n\nanalysis only\n")
+    with pytest.raises(SystemExit, match="no <!-- whole-body:begin -->"):
+        bench.write_docs("new table", unmarked)
+    assert unmarked.read_text() == "## Whole-body studies\n\nanalysis only\n"
