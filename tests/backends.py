@@ -30,6 +30,17 @@ def open_test_db(backend: str, tmp_path: Path) -> Iterator[AuditDB]:
         finally:
             db.close()
         return
+    with _postgres_schema() as schema:
+        db = AuditDB.open(POSTGRES_URL, schema=schema)
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+@contextmanager
+def _postgres_schema() -> Iterator[str]:
+    """A throw-away schema on the test server (skip or CI failure when no server answers)."""
     admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
     try:
         with admin.begin() as conn:
@@ -41,11 +52,7 @@ def open_test_db(backend: str, tmp_path: Path) -> Iterator[AuditDB]:
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        db = AuditDB.open(POSTGRES_URL, schema=schema)
-        try:
-            yield db
-        finally:
-            db.close()
+        yield schema
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -57,20 +64,6 @@ def postgres_schema_url() -> Iterator[str]:
     """A throw-away schema on the test server as a URL whose connections use it (for other processes)."""
     from urllib.parse import quote
 
-    admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with admin.begin() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:  # any failure means "no server here"
-        admin.dispose()
-        require(False, f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    try:
+    with _postgres_schema() as schema:
+        sep = "&" if "?" in POSTGRES_URL else "?"
         yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()

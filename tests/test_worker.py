@@ -6,6 +6,8 @@ import threading
 import time
 
 import pytest
+
+from tests.conftest import wait_for
 from sqlalchemy import select
 
 from tests.backends import BACKENDS, open_test_db
@@ -25,15 +27,6 @@ def worker(db, tmp_path, process, rec, lease_s, max_attempts=3):
     cfg = config(worker={"lease_s": lease_s, "poll_s": 0.1, "max_attempts": max_attempts})
     return JobWorker(db, Spool(tmp_path / "spool"), cfg, process, rec.enqueue)
 
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout_s} s")
 
 
 def job_row(db, job_id) -> Job:

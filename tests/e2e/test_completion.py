@@ -17,7 +17,7 @@ from dicomnode.audit.models import Instance, Job, Series, SeriesState
 from dicomnode.config import load_config
 from dicomnode.node import Node
 from dicomnode.pipeline import ProcessingOutput
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, wait_for
 from tests.e2e.dcmtk_peers import storescu
 
 pytestmark = pytest.mark.e2e
@@ -44,15 +44,6 @@ class Recorder:
         self.fixed_counts[inputs.job_id] = len(inputs.fixed_files)
         return ProcessingOutput(series=[])
 
-
-def wait_for(predicate, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from dicomnode.net.scp import StoreSCP
 from dicomnode.node import Node
 from dicomnode.store.spool import Spool
 from tests.backends import BACKENDS, open_test_db
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -41,15 +41,6 @@ def send(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
     finally:
         assoc.release()
 
-
-def wait_for(predicate, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 def other_patient(ds: pydicom.Dataset) -> pydicom.Dataset:

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.backends import postgres_schema_url
-from tests.conftest import REPO, free_port, require_tool
+from tests.conftest import REPO, free_port, require_tool, wait_for
 from tests.e2e.dcmtk_peers import StoreSCPPeer, storescu
 from dicomnode.audit.db import AuditDB
 from dicomnode.audit.models import Job, JobEvent, JobState, Send
@@ -77,15 +77,6 @@ def start_worker(config: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
