@@ -373,14 +373,21 @@ def outputs_by_pair(files: list[Path], study: Study) -> dict[str, dict[str, list
     series_modality = {}
     for modality, paths in study.files.items():
         series_modality[pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID] = modality
-    out: dict[str, dict[str, list]] = {}
+    # An SC instance references only the moving slices that overlap it (none beyond the moving field
+    # of view), so the pair is known per output series: the moving series any of its instances names.
+    by_series: dict[str, list] = {}
     for path in files:
         ds = pydicom.dcmread(path)
-        moving = {series_modality.get(item.SeriesInstanceUID) for item in ds.ReferencedSeriesSequence} - {"CT", None}
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    out: dict[str, dict[str, list]] = {}
+    for datasets in by_series.values():
+        moving = {series_modality.get(item.SeriesInstanceUID)
+                  for ds in datasets for item in ds.get("ReferencedSeriesSequence", [])} - {"CT", None}
         if len(moving) != 1:
             continue
+        ds = datasets[0]
         kind = str(ds.ContentLabel).lower() if "ContentLabel" in ds else "fused"  # Parametric Maps are labelled
-        out.setdefault(moving.pop(), {}).setdefault(kind, []).append(ds)
+        out.setdefault(moving.pop(), {}).setdefault(kind, []).extend(datasets)
     return out
 
 
