@@ -296,3 +296,30 @@ def test_a_file_of_another_patient_or_study_is_refused_on_read(tmp_path):
     with pytest.raises(VolumeError, match=r"1\.dcm: StudyInstanceUID, PatientID differ") as err:
         load_series(files, expect=expect)
     assert "DN-H" not in str(err.value) and "DN-G" not in str(err.value)
+
+
+def _traced_load(folder: Path):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        vol = load_series([folder])
+        return vol, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_loading_holds_a_few_slices_whatever_the_series_length(tmp_path):
+    """Slices are decoded one at a time into the volume: never all encoded, nor as a second stack."""
+    rng = np.random.default_rng(4)
+    peaks = {}
+    for n in (10, 40):
+        slices = [_slice(rng.integers(0, 4000, (256, 256), dtype=np.uint16), (0.0, 0.0, 2.5 * k), instance=n - k,
+                         slope=0.5, intercept=-1024.0) for k in range(n)]
+        expected = np.stack([s.pixel_array.astype(np.float32) * np.float32(0.5) + np.float32(-1024.0) for s in slices])
+        vol, peaks[n] = _traced_load(_write(slices, tmp_path / str(n)))
+        assert np.array_equal(vol.array, expected)
+        assert all("PixelData" not in h for h in vol.headers)
+    # Python and NumPy memory at the peak (the volume itself lives in SimpleITK's): it does not grow with
+    # the series (it grew by 2.5 float slices per slice when all were decoded first, then stacked).
+    assert peaks[40] < 1.3 * peaks[10], peaks
