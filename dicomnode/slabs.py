@@ -120,7 +120,7 @@ def run_slabs(engine, fixed_arr, moving_arr, fov, body, fixed_range, moving_rang
         out.flat[lo:hi] = (np.ptp(a255, axis=(1, 2)) == 0) & (np.ptp(b255, axis=(1, 2)) == 0)
         out.signal[lo:hi] = b255.sum(axis=(1, 2), dtype=np.float64)
         result = engine.fuse(torch.from_numpy(a)[:, None], moving_in,
-                             fov=None if fov is None else torch.from_numpy(fov[lo:hi, None].astype(np.float32)),
+                             fov=None if fov is None else torch.from_numpy(fov[lo:hi][:, None].astype(np.float32)),
                              modality=modality,
                              scale_saliency=False)
         out.method = result.method
