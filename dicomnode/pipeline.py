@@ -289,9 +289,11 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                                   round_fused=cfg.quality.round_fused)
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        with watch.stage("explain"):  # the saliency's series scale needs the body mask, encoding does not
+            scaled_saliency(done, body, slabs)
         count = fixed_arr.shape[0]
         # Encoding needs the fixed grid's geometry, not its voxels: a whole-body float volume less.
-        del moving_on_grid, fov, fixed_arr
+        del moving_on_grid, fov, fixed_arr, body
         fixed = geometry_only(fixed)
         with watch.stage("encode"):
             scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
@@ -313,7 +315,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         maps = [("heatmap", "encode", lambda: Quantised(done.contribution.read(0, done.contribution.count), unit, 0.0),
                  "contribution", "HEATMAP", f"{moving.modality} contribution to fused image")]
         if done.peak is not None:
-            maps.append(("saliency", "explain", lambda: Quantised(scaled_saliency(done, body, slabs), unit, 0.0),
+            maps.append(("saliency", "encode", lambda: Quantised(done.saliency.read(0, done.saliency.count), unit, 0.0),
                          "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
             maps.append(("displacement", "encode", lambda: sitk.GetArrayViewFromImage(reg.displacement_mm),
@@ -355,13 +357,13 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
 
 
 def geometry_only(volume):
-    """``volume`` with its voxels replaced by a uint8 image of the same grid (size, spacing, origin,
-    direction): what encoding reads, at a quarter of the memory."""
+    """``volume`` with its voxels replaced by an empty image of the same grid (size, spacing, origin,
+    direction): what encoding reads. A label image, which SimpleITK stores as runs: no voxel memory."""
     import dataclasses
 
     import SimpleITK as sitk
 
-    shell = sitk.Image(volume.image.GetSize(), sitk.sitkUInt8)
+    shell = sitk.Image(volume.image.GetSize(), sitk.sitkLabelUInt8)
     shell.CopyInformation(volume.image)
     return dataclasses.replace(volume, image=shell)
 
