@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Sampled slices prepared and scored at a time: quality memory stays bounded with max_slices = 0.
+_QUALITY_SLICES = 16
+
 
 @dataclass(frozen=True)
 class JobInputs:
@@ -236,7 +239,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.imaging.register import register_volumes
     from dicomnode.imaging.resample import field_of_view, moving_on_fixed
     from dicomnode.imaging.volume import load_series
-    from dicomnode.quality.metrics import score_series, threshold_failures
+    from dicomnode.quality.metrics import joined_quality, score_series, slices_per_call, threshold_failures
     from dicomnode.quality.sampling import select_from_profile
     from dicomnode.slabs import run_slabs, scaled_saliency, scratch_folder, slab_bounds
 
@@ -279,14 +282,20 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
                              colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch),
                              bar=bar)
         with watch.stage("quality"):
-            # Sampled as the whole series would be, then only the sampled slices are prepared again.
+            # Sampled as the whole series would be, then only the sampled slices are prepared again,
+            # a few at a time (max_slices = 0 samples every slice with content).
             selection = select_from_profile(done.flat, done.signal, cfg.quality.max_slices)
-            idx = np.asarray(selection.scored, dtype=np.intp)
-            b_k = apply_range(moving_on_grid[idx], moving_range)
-            b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
-            sample = score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
-                                  done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
-                                  round_fused=cfg.quality.round_fused)
+            per_call = slices_per_call(fixed_arr.shape[1:])
+            step = per_call * -(-_QUALITY_SLICES // per_call)  # whole calls: the values of one call
+            parts = []
+            for lo in range(0, max(1, len(selection.scored)), step):  # once when nothing is scored
+                idx = np.asarray(selection.scored[lo:lo + step], dtype=np.intp)
+                b_k = apply_range(moving_on_grid[idx], moving_range)
+                b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
+                parts.append(score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
+                                          done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
+                                          round_fused=cfg.quality.round_fused))
+            sample = joined_quality(parts)
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
         with watch.stage("explain"):  # the saliency's series scale needs the body mask, encoding does not
