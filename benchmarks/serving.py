@@ -26,6 +26,7 @@ def node_config(folder: Path, port: int, peer_port: int, method: str, moving: tu
     ``method`` and sends the outputs to a peer ``PEER`` on ``peer_port``: SQLite audit and spool in
     ``folder``, stable age 3 s, warnings only in the log. ``extra``: more TOML sections."""
     pairing = "".join(f'\n[[pairing]]\nfixed = "CT"\nmoving = "{m}"\ndestinations = ["peer"]\n' for m in moving)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "dicomnode.toml"
     path.write_text(f"""
 [node]
