@@ -224,7 +224,7 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 def _single(ds: Dataset) -> _Slice:
     """A single-frame instance; its pixels are decoded when the slice is stacked (``_Slice.take_pixels``)."""
-    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if key not in ds:
             raise VolumeError(f"instance {ds.get('InstanceNumber', '?')} has no {key}")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:

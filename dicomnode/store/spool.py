@@ -21,8 +21,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset
 
