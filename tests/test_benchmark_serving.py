@@ -1,4 +1,4 @@
-"""The helpers the benchmarks share measure what they claim."""
+"""benchmarks/serving.py measures what it claims."""
 
 from __future__ import annotations
 
