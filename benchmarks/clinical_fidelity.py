@@ -178,19 +178,18 @@ def fov_mask(fixed, moving) -> np.ndarray:
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving.py beside this file
+
+from serving import REPO, dicomnode_serve, free_port, node_config, storescp, storescu, wait_until  # noqa: E402
+
 SHARED = Path(os.environ.get("DICOMNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 STS = SHARED / "dicom" / "sts" / "STS_002"
-ENV = dict(os.environ, TCP_NODELAY="1")
 NAMES = {"PT": "PET", "MR": "MR", "NM": "SPECT"}
 DOCS_BEGIN = "<!-- clinical-fidelity:begin -->"
 DOCS_END = "<!-- clinical-fidelity:end -->"
@@ -210,24 +209,6 @@ class Row:
     method: str
     figures: dict[str, float]
     maps: dict[str, tuple[float, bool]] = field(default_factory=dict)  # kind -> (air share, per-frame)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout_s:g} s")
 
 
 def sts_study() -> Study:
@@ -267,103 +248,36 @@ def tumour_mask(study: Study, ct) -> np.ndarray:
     return inside.transpose(2, 1, 0)
 
 
-def write_config(folder: Path, port: int, peer_port: int, method: str) -> Path:
-    text = f"""
-[node]
-ae_title = "DICOMNODE"
-host = "127.0.0.1"
-port = {port}
-
-[storage]
-spool_dir = "{folder / 'spool'}"
-database_url = "sqlite:///{folder / 'audit.db'}"
-
-[completion]
-stable_age_s = 3.0
-check_interval_s = 0.5
-
-[[destinations]]
-name = "peer"
-ae_title = "PEER"
-host = "127.0.0.1"
-port = {peer_port}
-
-[[pairing]]
-fixed = "CT"
-moving = "PT"
-destinations = ["peer"]
-
-[[pairing]]
-fixed = "CT"
-moving = "MR"
-destinations = ["peer"]
-
-[[pairing]]
-fixed = "CT"
-moving = "NM"
-destinations = ["peer"]
-
-[fusion]
-default_method = "{method}"
-
-[logging]
-level = "WARNING"
-"""
-    path = folder / "dicomnode.toml"
-    path.write_text(text)
-    return path
-
-
 def run_node(study: Study, method: str, work: Path, timeout_s: float = 900.0) -> list[Path]:
     """The study through ``dicomnode serve``; returns the files the storescp peer received."""
     import pydicom
-    storescp, storescu = shutil.which("storescp"), shutil.which("storescu")
-    if not storescp or not storescu:
-        raise SystemExit("DCMTK storescp/storescu are needed (make install installs them)")
+
     received = work / "peer"
-    received.mkdir(parents=True)
-    port, peer_port = _free_port(), _free_port()
-    config = write_config(work, port, peer_port, method)
-    peer = subprocess.Popen([storescp, "--aetitle", "PEER", "--output-directory", str(received),
-                             "--unique-filenames", str(peer_port)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config)], env=ENV,
-                            stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        _wait_port(peer_port, peer, "storescp")
-        _wait_port(port, node, "dicomnode serve")
+    port, peer_port = free_port(), free_port()
+    config = node_config(work, port, peer_port, method, ("PT", "MR", "NM"))
+    with storescp(received, peer_port, "PEER", ("--unique-filenames",)), \
+            dicomnode_serve(config, port, log=work / "serve.log") as node:
         pairs = [m for m in ("PT", "MR", "NM") if m in study.files]
         maps = 2 if method == "network" else 1
         expected = sum(len(study.files["CT"]) + maps for _ in pairs)
-        for modality, files in study.files.items():
-            subprocess.run([storescu, "-aec", "DICOMNODE", "-aet", "MODALITY", "127.0.0.1", str(port),
-                            *map(str, files)], env=ENV, check=True, stdout=subprocess.DEVNULL)
+        for files in study.files.values():
+            storescu(files, port, "DICOMNODE")
         # Count distinct instances: a send retried after a DIMSE timeout leaves duplicates at the peer.
         seen: dict[Path, str] = {}
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def arrived() -> bool:
             for path in received.iterdir():
                 if path.is_file() and path not in seen and not path.name.startswith("."):
                     try:
                         seen[path] = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
                     except Exception:  # still being written
                         continue
-            count = len(set(seen.values()))
-            if count >= expected:
-                break
             if node.poll() is not None:
                 raise RuntimeError(f"dicomnode serve exited with {node.returncode}; see {work / 'serve.log'}")
-            time.sleep(1.0)
-        else:
-            raise RuntimeError(f"{count} of {expected} outputs arrived within {timeout_s:g} s; see {work / 'serve.log'}")
+            return len(set(seen.values())) >= expected
+
+        wait_until(arrived, timeout_s, f"{expected} outputs at the peer; see {work / 'serve.log'}", every_s=1.0)
         return sorted(p for p in received.iterdir() if p.is_file())
-    finally:
-        for proc in (node, peer):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def outputs_by_pair(files: list[Path], study: Study) -> dict[str, dict[str, list]]:

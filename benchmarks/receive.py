@@ -20,9 +20,7 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +30,10 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, TCP_NODELAY="1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving.py beside this file
+
+from serving import REPO, dicomnode_serve, free_port, process_cpu_s, storescp, storescu, wait_idle  # noqa: E402
+
 PDU = 131072
 # Kept with the figures when --write-docs rewrites the section; update after profiling again.
 NOTES = """**Target not reached.** `dicomnode serve` does not reach storescp with fsync, on one
@@ -60,12 +60,6 @@ peer.
 
 *Ways past it, not done here:* several SCP processes behind one port (SO_REUSEPORT) to leave the
 single GIL; a faster DIMSE layer than pynetdicom's."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate(folder: Path, count: int) -> list[Path]:
@@ -100,49 +94,6 @@ def generate(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def wait_listening(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def run_storescu(files: list[Path], port: int, called: str, associations: int = 1) -> float:
-    """Seconds until ``associations`` concurrent storescu processes have sent all ``files`` between them."""
-    share = -(-len(files) // associations)
-    chunks = [files[i : i + share] for i in range(0, len(files), share)]
-    cmds = [["storescu", "-aet", "BENCHSCU", "-aec", called, "--max-pdu", str(PDU), "127.0.0.1", str(port), *map(str, c)] for c in chunks]
-    start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
-    errors = [p.communicate()[1] for p in procs]
-    seconds = time.perf_counter() - start
-    failed = [e for p, e in zip(procs, errors) if p.returncode != 0]
-    if failed:
-        raise RuntimeError(f"storescu failed: {failed[0][-1000:]}")
-    return seconds
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_idle(pid: int, timeout: float = 120.0) -> None:
-    """Until the process stops using CPU (the node's start-up imports and warm-up are done)."""
-    deadline = time.monotonic() + timeout
-    last = process_cpu_s(pid)
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = process_cpu_s(pid)
-        if now - last < 0.05:
-            return
-        last = now
-
-
 def bench_node(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
     """``dicomnode serve`` as deployed: its own process, durable spool, SQLite audit, timers running."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
@@ -152,22 +103,11 @@ def bench_node(files: list[Path], work: Path, associations: int) -> tuple[float,
         f'[node]\nport = {port}\nmax_pdu = {PDU}\nmax_associations = {max(10, associations)}\n\n'
         f'[storage]\nspool_dir = "{run_dir / "spool"}"\ndatabase_url = "sqlite:///{run_dir / "audit.db"}"\n\n'
         '[logging]\nlevel = "WARNING"\n')
-    env = dict(ENV, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config)], cwd=run_dir,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_listening(port, timeout=120.0)
+    with dicomnode_serve(config, port, cwd=run_dir) as proc:
         wait_idle(proc.pid)
         cpu = process_cpu_s(proc.pid)
-        seconds = run_storescu(files, port, "DICOMNODE", associations)
+        seconds = storescu(files, port, "DICOMNODE", "BENCHSCU", associations, PDU)
         cpu_ms = (process_cpu_s(proc.pid) - cpu) * 1000 / len(files)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     stored = len(list((run_dir / "spool" / "incoming").rglob("*.dcm")))
     shutil.rmtree(run_dir)
     if stored != len(files):
@@ -179,17 +119,12 @@ def bench_storescp(files: list[Path], work: Path, associations: int, fsync: bool
     """storescp ``--fork`` (one process per association, as concurrent as the node's threads)."""
     out = Path(tempfile.mkdtemp(dir=work))
     port = free_port()
-    cmd = ["storescp", "--fork", "-od", str(out), "--max-pdu", str(PDU), "-aet", "STORESCP"]
+    extra = ("--fork", "--max-pdu", str(PDU))
     if fsync:
         # fsync the new file and its folder (coreutils sync FILE...) before the next instance is read.
-        cmd += ["-xcr", "sync #p/#f #p", "-xs"]
-    proc = subprocess.Popen([*cmd, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port)
-        seconds = run_storescu(files, port, "STORESCP", associations)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        extra += ("-xcr", "sync #p/#f #p", "-xs")
+    with storescp(out, port, "STORESCP", extra):
+        seconds = storescu(files, port, "STORESCP", "BENCHSCU", associations, PDU)
     stored = len(list(out.iterdir()))
     shutil.rmtree(out)
     if stored != len(files):

@@ -16,29 +16,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving.py beside this file
+
+from serving import REPO, free_port, wait_until  # noqa: E402
+
 sys.path.insert(0, str(REPO))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(path: Path, workdir: Path, url: str, method: str) -> Path:
     path.write_text(f"""
 [node]
-port = {_free_port()}
+port = {free_port()}
 [storage]
 spool_dir = "{workdir / 'spool'}"
 database_url = "{url}"
@@ -49,7 +44,7 @@ check_interval_s = 0.25
 name = "nowhere"
 ae_title = "BENCH"
 host = "127.0.0.1"
-port = {_free_port()}
+port = {free_port()}
 [fusion]
 default_method = "{method}"
 [processing]
@@ -60,16 +55,6 @@ in_serve = false
 level = "INFO"
 """)
     return path
-
-
-def _wait(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"timed out: {what}")
 
 
 def run_once(n_workers: int, studies: list[dict], base_url: str, method: str, workdir: Path) -> dict:
@@ -98,7 +83,7 @@ def run_once(n_workers: int, studies: list[dict], base_url: str, method: str, wo
                 procs.append(subprocess.Popen([sys.executable, "-m", "dicomnode", "worker", "--config", str(cfg_file)],
                                               env=env, stdout=out, stderr=subprocess.STDOUT))
         for log in logs:
-            _wait(lambda: "event=worker_started" in log.read_text(), 600, f"{log.name} started")
+            wait_until(lambda: "event=worker_started" in log.read_text(), 600, f"{log.name} started")
 
         def jobs_in(states) -> int:
             with db.session() as s:
@@ -110,7 +95,7 @@ def run_once(n_workers: int, studies: list[dict], base_url: str, method: str, wo
             me = Destination(name="node", ae_title=cfg.node.ae_title, host="127.0.0.1", port=cfg.node.port)
             for study in studies:
                 send_files(me, study["CT"] + study["PT"], calling_ae="BENCH", timeout_s=60)
-            _wait(lambda: jobs_in([JobState.sending, JobState.failed]) == len(studies), 1800, "jobs processed")
+            wait_until(lambda: jobs_in([JobState.sending, JobState.failed]) == len(studies), 1800, "jobs processed")
         finally:
             node.stop()
         load = os.getloadavg()

@@ -270,8 +270,8 @@ class QualityConfig(_Section):
     thresholds: dict[str, float] = Field(default_factory=dict)
     # Round the fused image half away from zero to 8 bits before scoring (the published convention).
     round_fused: bool = True
-    # Slices scored per series (0: every slice with content): evenly spread, plus the slice with the
-    # most moving-image signal; keeps the quality stage a bounded share of the job.
+    # Slices scored per series (0: every slice with content, prepared and scored 16 at a time): evenly
+    # spread, plus the slice with the most moving-image signal; keeps the quality stage a bounded share of the job.
     max_slices: int = Field(16, ge=0)
     # DFRS feature mask for PET: voxels with SUV at or above this value (g/ml).
     suv_threshold: float = Field(2.5, gt=0)

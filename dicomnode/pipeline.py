@@ -12,6 +12,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from dicomnode.store.spool import Spool
 
 log = logging.getLogger(__name__)
+
+# Sampled slices prepared and scored at a time: quality memory stays bounded with max_slices = 0.
+_QUALITY_SLICES = 16
 
 
 @dataclass(frozen=True)
@@ -69,20 +73,44 @@ class ProcessingOutput:
 
 
 class Stopwatch:
-    """Per-stage wall-clock seconds, in stage order, and the process's CPU seconds (all threads) per stage."""
+    """Per-stage wall-clock seconds, in stage order, and the process's CPU seconds (all threads) per stage.
+
+    A stage entered inside another (resampling on demand inside fusion) is charged to itself
+    alone: the outer stage's clock pauses meanwhile.
+    """
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
+        self._wall: dict[str, float] = {}
+        self._cpu: dict[str, float] = {}
+        self._open: list[str] = []
+        self._since = (0.0, 0.0)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self._wall.items()}
+
+    @property
+    def cpu_seconds(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self._cpu.items()}
+
+    def _charge(self) -> None:
+        """The time since the last change goes to the innermost open stage."""
+        now = (time.perf_counter(), time.process_time())
+        if self._open:
+            name = self._open[-1]
+            self._wall[name] = self._wall.get(name, 0.0) + now[0] - self._since[0]
+            self._cpu[name] = self._cpu.get(name, 0.0) + now[1] - self._since[1]
+        self._since = now
 
     @contextmanager
     def stage(self, name: str):
-        started, cpu = time.perf_counter(), time.process_time()
+        self._charge()
+        self._open.append(name)
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)
-            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 4)
+            self._charge()
+            self._open.pop()
 
 
 def write_series(spool: Spool, job_id: int, datasets: list, kind: str) -> OutputSeries:
@@ -190,8 +218,8 @@ def write_stream(spool: Spool, job_id: int, datasets, kind: str) -> OutputSeries
 def process_job(inputs: JobInputs) -> ProcessingOutput:
     """Fuse the moving series onto the fixed one and write the SC + Parametric Map series (see module).
 
-    Prepare, fuse and explain run slab by slab (``processing.slab_slices``, ``dicomnode.slabs``):
-    no full-series float copy beyond the fixed volume and the resampled moving one.
+    Resample, prepare, fuse and explain run slab by slab (``processing.slab_slices``,
+    ``dicomnode.slabs``): no full-series float copy beyond the fixed volume.
     """
     watch = Stopwatch()
     with watch.stage("setup"):  # imports: near zero once warm_up ran
@@ -209,9 +237,9 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
     from dicomnode.fusion.prepare import apply_range, intensity_range
     from dicomnode.imaging.body import body_mask
     from dicomnode.imaging.register import register_volumes
-    from dicomnode.imaging.resample import field_of_view, resample_onto
+    from dicomnode.imaging.resample import field_of_view, moving_on_fixed
     from dicomnode.imaging.volume import load_series
-    from dicomnode.quality.metrics import score_series, threshold_failures
+    from dicomnode.quality.metrics import joined_quality, score_series, slices_per_call, threshold_failures
     from dicomnode.quality.sampling import select_from_profile
     from dicomnode.slabs import run_slabs, scaled_saliency, scratch_folder, slab_bounds
 
@@ -226,16 +254,17 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         reg = register_volumes(fixed, moving, cfg.registration)
     with watch.stage("prepare"):
         fixed_arr = sitk.GetArrayViewFromImage(fixed.image)  # float32 (z, y, x), a view: no copy
-        body = body_mask(fixed_arr, fixed.modality)  # before the resampled copy exists: lower peak
+        body = body_mask(fixed_arr, fixed.modality)
     with watch.stage("resample"):
-        # Only chroma reads the field of view (it fades its colour at the edge); resampled first, so
-        # its float transient meets less held memory.
-        fov = field_of_view(fixed, moving, reg.transform) if inputs.method == CHROMA else None
-        moving_on_fixed = resample_onto(fixed, moving, reg.transform)
+        # Read slab by slab where needed, never held on the whole fixed grid. Only chroma reads
+        # the field of view (it fades its colour at the edge).
+        resampling = partial(watch.stage, "resample")
+        fov = field_of_view(fixed, moving, reg.transform, stage=resampling) if inputs.method == CHROMA else None
+        moving_on_grid = moving_on_fixed(fixed, moving, reg.transform, stage=resampling)
     with watch.stage("prepare"):
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
         fixed_range = intensity_range(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
-        moving_range = intensity_range(moving_on_fixed, moving.modality, moving.units, cfg.fusion, body_part=body_part)
+        moving_range = intensity_range(moving_on_grid, moving.modality, moving.units, cfg.fusion, body_part=body_part)
         coloured = moving.modality in FUNCTIONAL and inputs.method != CHROMA  # chroma brings its own colours
         colormap = cfg.fusion.colormap if coloured else None
         batch, slabs = slab_bounds(fixed_arr.shape[0], cfg.processing.slab_slices, cfg.fusion.batch_size)
@@ -249,23 +278,31 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
             event(log, "colour_bar_omitted", job_id=inputs.job_id, reason="no_body_free_margin")
     with scratch_folder(inputs.spool.outbox / str(int(inputs.job_id))) as scratch:
         with watch.stage("fuse"):  # prepare -> fuse -> explain, slab by slab
-            done = run_slabs(engine, fixed_arr, moving_on_fixed, fov, body, fixed_range, moving_range,
+            done = run_slabs(engine, fixed_arr, moving_on_grid, fov, body, fixed_range, moving_range,
                              colormap=colormap, modality=moving.modality, slabs=slabs, folder=Path(scratch),
                              bar=bar)
         with watch.stage("quality"):
-            # Sampled as the whole series would be, then only the sampled slices are prepared again.
+            # Sampled as the whole series would be, then only the sampled slices are prepared again,
+            # a few at a time (max_slices = 0 samples every slice with content).
             selection = select_from_profile(done.flat, done.signal, cfg.quality.max_slices)
-            idx = np.asarray(selection.scored, dtype=np.intp)
-            b_k = apply_range(moving_on_fixed[idx], moving_range)
-            b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
-            sample = score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
-                                  done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
-                                  round_fused=cfg.quality.round_fused)
+            per_call = slices_per_call(fixed_arr.shape[1:])
+            step = per_call * -(-_QUALITY_SLICES // per_call)  # whole calls: the values of one call
+            parts = []
+            for lo in range(0, max(1, len(selection.scored)), step):  # once when nothing is scored
+                idx = np.asarray(selection.scored[lo:lo + step], dtype=np.intp)
+                b_k = apply_range(moving_on_grid[idx], moving_range)
+                b_seen = luma(colorize(torch.from_numpy(b_k), colormap))[:, 0].numpy() if colormap else b_k
+                parts.append(score_series(apply_range(fixed_arr[idx], fixed_range) * 255.0, b_seen * 255.0,
+                                          done.fused_luma.slices(idx), tuple(cfg.quality.metrics), max_slices=0,
+                                          round_fused=cfg.quality.round_fused))
+            sample = joined_quality(parts)
             quality = spread_quality(sample, selection, fixed_arr.shape[0])
             failures = threshold_failures(quality.summary, dict(cfg.quality.thresholds))
+        with watch.stage("explain"):  # the saliency's series scale needs the body mask, encoding does not
+            scaled_saliency(done, body, slabs)
         count = fixed_arr.shape[0]
         # Encoding needs the fixed grid's geometry, not its voxels: a whole-body float volume less.
-        del moving_on_fixed, fov, fixed_arr
+        del moving_on_grid, fov, fixed_arr, body
         fixed = geometry_only(fixed)
         with watch.stage("encode"):
             scale = scale_text(inputs.method, cfg.fusion, moving.modality, moving_range, fixed.modality,
@@ -287,7 +324,7 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         maps = [("heatmap", "encode", lambda: Quantised(done.contribution.read(0, done.contribution.count), unit, 0.0),
                  "contribution", "HEATMAP", f"{moving.modality} contribution to fused image")]
         if done.peak is not None:
-            maps.append(("saliency", "explain", lambda: Quantised(scaled_saliency(done, body, slabs), unit, 0.0),
+            maps.append(("saliency", "encode", lambda: Quantised(done.saliency.read(0, done.saliency.count), unit, 0.0),
                          "saliency", "SALIENCY", "Fusion saliency"))
         if reg.displacement_mm is not None:
             maps.append(("displacement", "encode", lambda: sitk.GetArrayViewFromImage(reg.displacement_mm),
@@ -329,13 +366,13 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
 
 
 def geometry_only(volume):
-    """``volume`` with its voxels replaced by a uint8 image of the same grid (size, spacing, origin,
-    direction): what encoding reads, at a quarter of the memory."""
+    """``volume`` with its voxels replaced by an empty image of the same grid (size, spacing, origin,
+    direction): what encoding reads. A label image, which SimpleITK stores as runs: no voxel memory."""
     import dataclasses
 
     import SimpleITK as sitk
 
-    shell = sitk.Image(volume.image.GetSize(), sitk.sitkUInt8)
+    shell = sitk.Image(volume.image.GetSize(), sitk.sitkLabelUInt8)
     shell.CopyInformation(volume.image)
     return dataclasses.replace(volume, image=shell)
 

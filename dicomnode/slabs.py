@@ -81,7 +81,7 @@ class SlabPass:
     rgb: the fused slices (N, H, W, 3) uint8, colour bar burnt in, on scratch; contribution: the
     map's uint16 planes (``quantise`` on 0..1), on scratch; flat / signal: the quality sample's per-slice facts;
     fused_luma: the fused luminance (0..255) on scratch, read back for the sampled slices only;
-    raw_saliency and peak: the saliency before its series scale (``scaled_saliency``).
+    raw_saliency and peak: the saliency before its series scale; saliency: after it (``scaled_saliency``).
     """
 
     def __init__(self, count: int, shape: tuple[int, int], folder: Path):
@@ -90,12 +90,13 @@ class SlabPass:
         self.flat = np.zeros(count, bool)
         self.signal = np.zeros(count, np.float64)
         self.fused_luma = ScratchStack(folder, "fused_luma", shape)
-        self.raw_saliency = ScratchStack(folder, "saliency", shape)
+        self.raw_saliency = ScratchStack(folder, "raw_saliency", shape)
+        self.saliency = ScratchStack(folder, "saliency", shape, np.uint16)  # the map's planes (``scaled_saliency``)
         self.peak = None  # the raw saliency's series maximum, float32 as ``series_scale`` takes it
         self.method = ""
 
     def close(self) -> None:
-        for stack in (self.rgb, self.contribution, self.fused_luma, self.raw_saliency):
+        for stack in (self.rgb, self.contribution, self.fused_luma, self.raw_saliency, self.saliency):
             stack.close()
 
 
@@ -120,7 +121,7 @@ def run_slabs(engine, fixed_arr, moving_arr, fov, body, fixed_range, moving_rang
         out.flat[lo:hi] = (np.ptp(a255, axis=(1, 2)) == 0) & (np.ptp(b255, axis=(1, 2)) == 0)
         out.signal[lo:hi] = b255.sum(axis=(1, 2), dtype=np.float64)
         result = engine.fuse(torch.from_numpy(a)[:, None], moving_in,
-                             fov=None if fov is None else torch.from_numpy(fov[lo:hi, None].astype(np.float32)),
+                             fov=None if fov is None else torch.from_numpy(fov[lo:hi][:, None].astype(np.float32)),
                              modality=modality,
                              scale_saliency=False)
         out.method = result.method
@@ -143,22 +144,21 @@ def run_slabs(engine, fixed_arr, moving_arr, fov, body, fixed_range, moving_rang
     return out
 
 
-def scaled_saliency(done: SlabPass, body, slabs) -> np.ndarray | None:
-    """series_scale, then in_body_scale, then quantise, slab by slab: equal to the whole-series steps."""
+def scaled_saliency(done: SlabPass, body, slabs) -> None:
+    """series_scale, then in_body_scale, then quantise, slab by slab, into ``done.saliency`` (uint16
+    on scratch): equal to the whole-series steps, and the body mask is not needed after it."""
     import torch
 
     from dicomnode.dicomio.parametric_map import quantise
     from dicomnode.pipeline import in_body_peak, in_body_scale
 
     if done.peak is None:
-        return None
+        return
     raw, denominator = done.raw_saliency, done.peak.clamp_min(1e-12)
 
     def scaled(lo, hi):
         return (torch.from_numpy(raw.read(lo, hi)) / denominator).clamp(0, 1).numpy()
 
     body_peak = max(in_body_peak(scaled(lo, hi), body[lo:hi]) for lo, hi in slabs)
-    stored = np.zeros(raw.shape, np.uint16)
     for lo, hi in slabs:
-        quantise(in_body_scale(scaled(lo, hi), body[lo:hi], body_peak), (0.0, 1.0), out=stored[lo:hi])
-    return stored
+        done.saliency.append(quantise(in_body_scale(scaled(lo, hi), body[lo:hi], body_peak), (0.0, 1.0)).stored)

@@ -45,6 +45,8 @@ ProcessFn = Callable[[JobInputs], ProcessingOutput]
 def record_output(session: Session, job: Job, out: ProcessingOutput) -> None:
     """Timings, registration report, outputs and metrics of a processed job (metrics as rows)."""
     job.timings = dict(out.timings)
+    if out.cpu_seconds:  # the process's CPU per stage, all threads: what a stage costs beside its wall time
+        job.timings["cpu_s"] = dict(out.cpu_seconds)
     job.registration = dict(out.registration)
     job.outputs = {"series": [s.describe() for s in out.series]}
     if out.input_changes:  # values only here, in the audit row: the log line says how many

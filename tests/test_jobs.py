@@ -81,6 +81,7 @@ class Recorder:
             out = tmp_path / "out.dcm"
             out.write_bytes(b"x")
             return ProcessingOutput(series=[OutputSeries("9.9", "fused", [out])], timings={"fuse": 0.1},
+                                    cpu_seconds={"fuse": 0.2},
                                     per_slice=[{"EN": 4.0, "MI": 1.0}], summary={"EN": 4.0, "MI": float("nan")}, quality_failures=["EN"])
         return run
 
@@ -109,7 +110,7 @@ def test_worker_processes_records_metrics_flags_quality_and_queues_sends(db, tmp
     assert events(db, job_id) == [(None, "paired"), ("paired", "processing"), ("processing", "encoded"), ("encoded", "sending")]
     with db.session() as s:
         job = s.get(Job, job_id)
-        assert job.timings == {"fuse": 0.1} and job.outputs["series"][0]["count"] == 1
+        assert job.timings == {"fuse": 0.1, "cpu_s": {"fuse": 0.2}} and job.outputs["series"][0]["count"] == 1
         assert job.quality_flag == "under threshold: EN=4"
         metrics = {(m.slice_index, m.name) for m in s.scalars(select(Metric).where(Metric.job_id == job_id))}
     assert metrics == {(0, "EN"), (0, "MI"), (None, "EN")}  # NaN summary MI is left out

@@ -235,3 +235,24 @@ def test_chroma_keeps_the_ct_luminance_and_its_map_is_graded(big_study, chroma_j
     (pm,) = _outputs(chroma_job, "heatmap")
     values, _ = decode_parametric_map(pm)
     assert float(values.max()) > 0.5 and float(values[values > 0].min()) < 0.5
+
+
+def test_a_stage_inside_another_is_charged_to_itself_alone(monkeypatch):
+    """Resampling read inside fusion counts as resampling, and fusion keeps only its own time."""
+    from dicomnode import pipeline
+
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(pipeline.time, "process_time", lambda: 2 * clock[0])
+    watch = pipeline.Stopwatch()
+    with watch.stage("fuse"):
+        clock[0] += 1.0
+        for _ in range(3):
+            with watch.stage("resample"):
+                clock[0] += 0.5
+        clock[0] += 1.0
+    with watch.stage("resample"):
+        clock[0] += 0.25
+    assert watch.seconds == {"fuse": 2.0, "resample": 1.75}
+    assert watch.cpu_seconds == {"fuse": 4.0, "resample": 3.5}
+    assert list(watch.seconds) == ["fuse", "resample"]

@@ -230,8 +230,12 @@ def job_text(db: AuditDB, job_id: int) -> str:
                                s["completion_reason"] or s["state"]])
     lines += _table("inputs", ["role", "modality", "series", "instances", "from", "completed by"], input_rows)
     lines += _registration_lines(record["registration"] or {})
-    stages = [f"{k}={v:.2f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in timings.items() if k != "total_s"]
-    lines += [f"timings (s): {' '.join(stages) or '(none)'}", ""]
+    stages = [f"{k}={v:.2f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in timings.items()
+              if k not in ("total_s", "cpu_s")]
+    lines += [f"timings (s): {' '.join(stages) or '(none)'}"]
+    if timings.get("cpu_s"):
+        lines += ["CPU (s, the process): " + " ".join(f"{k}={v:.2f}" for k, v in timings["cpu_s"].items())]
+    lines += [""]
     output_rows = []
     for out in (record["outputs"] or {}).get("series", []):
         number, description = _output_header(out.get("files") or [])

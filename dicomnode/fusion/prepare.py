@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,15 +32,21 @@ def _window(array: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip((array - low) / max(width, 1e-6), 0.0, 1.0)
 
 
-def _percentile_range(array: np.ndarray, low_pct: float, high_pct: float) -> tuple[float, float]:
+def _parts(array) -> list[np.ndarray] | Iterator[np.ndarray]:
+    """``array`` whole, or slab by slab when it is read on demand (``slabs()``, e.g. ``OnFixedGrid``)."""
+    return array.slabs() if hasattr(array, "slabs") else [np.asarray(array)]
+
+
+def _percentile_range(array, low_pct: float, high_pct: float) -> tuple[float, float]:
     # Background (exact zeros, typical of MR/NM outside the body) would drag the low percentile.
-    values = array[np.isfinite(array)]
-    foreground = values[values != 0]
-    if foreground.size >= 16:
-        values = foreground
+    # Gathered part by part: a copy of the foreground values, not of the volume; percentiles
+    # depend on the values only, not on their order.
+    values = np.concatenate([p[np.isfinite(p) & (p != 0)] for p in _parts(array)])
+    if values.size < 16:
+        values = np.concatenate([p[np.isfinite(p)] for p in _parts(array)])
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(values, [low_pct, high_pct])
+    low, high = np.percentile(values, [low_pct, high_pct], overwrite_input=True)
     if high <= low:
         high = low + 1.0
     return float(low), float(high)
@@ -66,9 +73,12 @@ class DisplayRange:
         return f"{self.unit} {text}" if self.unit else text
 
 
-def intensity_range(array: np.ndarray, modality: str, units: str | None, fusion_config,
+def intensity_range(array, modality: str, units: str | None, fusion_config,
                     body_part: str | None = None) -> DisplayRange:
-    """The series-wide range ``prepare_intensities`` maps to [0, 1] (one scale for every slice)."""
+    """The series-wide range ``prepare_intensities`` maps to [0, 1] (one scale for every slice).
+
+    ``array``: the series' values (z, y, x), or an object that yields them slab by slab (``slabs()``).
+    """
     modality = modality.upper()
     cfg = fusion_config
     if modality == "CT":

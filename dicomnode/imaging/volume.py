@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # Relative and absolute tolerance on slice spacing: scanners write positions with rounding.
 _SPACING_RTOL = 0.01
 _SPACING_ATOL = 1e-3
+# Values larger than this are read from the file when used (``dcmread``'s defer_size): pixel data.
+_DEFER_BYTES = 64 * 1024
 # Functional-group sequences that are replaced by plain attributes in synthesised frame headers.
 _FRAME_GROUPS = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData",
                  "NumberOfFrames", "FloatPixelData", "DoubleFloatPixelData")
@@ -74,10 +76,23 @@ class Volume:
 @dataclass
 class _Slice:
     header: Dataset
-    pixels: np.ndarray  # (rows, cols), rescaled, float32
+    pixels: np.ndarray | None  # (rows, cols), rescaled, float32; None: decoded from ``header`` when stacked
     position: np.ndarray  # ImagePositionPatient, mm
     orientation: np.ndarray  # ImageOrientationPatient (6,)
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
+    shape: tuple[int, int] = (0, 0)  # (rows, cols)
+
+    def take_pixels(self) -> np.ndarray:
+        """The rescaled float32 pixels, let go here: a single-frame instance is decoded now, its pixel data dropped."""
+        pixels, self.pixels = self.pixels, None
+        if pixels is None:
+            ds = self.header
+            pixels = _rescaled(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+            if pixels.shape != self.shape:
+                raise VolumeError(f"instance {ds.get('InstanceNumber', '?')} has pixel data of shape {pixels.shape}; "
+                                  f"{self.shape[0]} x {self.shape[1]} grey pixels expected (colour images are not volumes)")
+            del ds.PixelData  # the dataset becomes the slice's pixel-less header
+        return pixels
 
 
 def load_series(paths: Sequence[Path], expect: Identity | None = None) -> Volume:
@@ -103,7 +118,9 @@ def load_series(paths: Sequence[Path], expect: Identity | None = None) -> Volume
     datasets, not_dicom = [], []
     for f, named in files:
         try:
-            ds = pydicom.dcmread(f)
+            # Large values (pixel data) stay on disk until their slice is stacked: a whole-body
+            # series is never held as encoded bytes beside its volume.
+            ds = pydicom.dcmread(f, defer_size=_DEFER_BYTES)
         except pydicom.errors.InvalidDicomError as exc:
             if named:
                 raise VolumeError(f"{f} is not a DICOM file") from exc
@@ -206,15 +223,14 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 
 def _single(ds: Dataset) -> _Slice:
-    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+    """A single-frame instance; its pixels are decoded when the slice is stacked (``_Slice.take_pixels``)."""
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if key not in ds:
             raise VolumeError(f"instance {ds.get('InstanceNumber', '?')} has no {key}")
-    pixels = _rescaled(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
-    if pixels.ndim != 2:
-        raise VolumeError(f"instance has pixel data of shape {pixels.shape}; colour images are not volumes")
-    del ds.PixelData  # the dataset becomes the slice's pixel-less header
-    return _Slice(ds, pixels, np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
-                  (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])))
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise VolumeError(f"instance has {ds.SamplesPerPixel} samples per pixel; colour images are not volumes")
+    return _Slice(ds, None, np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
+                  (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (int(ds.Rows), int(ds.Columns)))
 
 
 def _group(ds: Dataset, frame: Dataset | None, seq: str) -> Dataset | None:
@@ -273,7 +289,7 @@ def _frames(ds: Dataset) -> list[_Slice]:
                                meas.get("SliceThickness"), slope, intercept)
         out.append(_Slice(header, _rescaled(pixels[i], slope, intercept), np.array(header.ImagePositionPatient, float),
                           np.array(header.ImageOrientationPatient, float),
-                          (float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1]))))
+                          (float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1])), pixels.shape[-2:]))
     return out
 
 
@@ -323,7 +339,7 @@ def _nm_frames(ds: Dataset) -> list[_Slice]:
         header = _frame_header(ds, i + 1, position.round(6), detector.ImageOrientationPatient, ds.PixelSpacing,
                                thickness, slope, intercept)
         out.append(_Slice(header, _rescaled(pixels[i], slope, intercept), position, orientation,
-                          (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))))
+                          (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), pixels.shape[-2:]))
     return out
 
 
@@ -333,8 +349,8 @@ def _stack(slices: list[_Slice]) -> tuple[sitk.Image, list[_Slice]]:
     for s in slices[1:]:
         if not np.allclose(s.orientation, ref.orientation, atol=1e-4):
             raise VolumeError("slices have different ImageOrientationPatient (mixed or localizer images)")
-        if s.pixels.shape != ref.pixels.shape:
-            raise VolumeError(f"slices have different sizes {s.pixels.shape} and {ref.pixels.shape}")
+        if s.shape != ref.shape:
+            raise VolumeError(f"slices have different sizes {s.shape} and {ref.shape}")
         if not np.allclose(s.pixel_spacing, ref.pixel_spacing, rtol=1e-4):
             raise VolumeError("slices have different PixelSpacing")
     row, col = ref.orientation[:3], ref.orientation[3:]
@@ -364,14 +380,11 @@ def _stack(slices: list[_Slice]) -> tuple[sitk.Image, list[_Slice]]:
         dz = float(h.get("SpacingBetweenSlices") or h.get("SliceThickness") or 1.0)
     if not all(np.isfinite(v) and v > 0 for v in (*ref.pixel_spacing, dz)):
         raise VolumeError(f"degenerate voxel spacing {ref.pixel_spacing} x {dz}")
-    # Filled slice by slice, each slice's own copy let go once stacked: a whole-body series is held
-    # twice at most (the stack and the image made from it), not three times.
-    stack = np.empty((len(ordered), *ref.pixels.shape), np.float32)
-    for i, s in enumerate(ordered):
-        stack[i] = s.pixels
-        s.pixels = None
-    image = sitk.GetImageFromArray(stack)
-    del stack
+    # Pasted slice by slice into the image, each slice decoded just before and let go just after:
+    # a whole-body series is held once, as the volume, never beside its slices or a second stack.
+    image = sitk.Image(ref.shape[1], ref.shape[0], len(ordered), sitk.sitkFloat32)
+    for k, s in enumerate(ordered):
+        image[:, :, k : k + 1] = sitk.GetImageFromArray(s.take_pixels()[None])
     image.SetSpacing((ref.pixel_spacing[1], ref.pixel_spacing[0], dz))  # PixelSpacing is (row, column)
     image.SetOrigin(tuple(ordered[0].position))
     image.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))

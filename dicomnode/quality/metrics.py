@@ -347,14 +347,43 @@ def score_series(
             for m in per_slice_names:
                 table[i, chosen.index(m)] = row[m]
     per_slice = [dict(zip(chosen, (float(v) for v in row), strict=True)) for row in table]
-    with np.errstate(all="ignore"):
-        scored = table[scored_idx]
-        means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scored.T]
     elapsed = time.perf_counter() - start
     event(log, "series_scored", slices=n, scored=int(scored_idx.size), blank=len(selection.blank), metrics=",".join(chosen),
           seconds=round(elapsed, 3))
-    return SeriesQuality(chosen, per_slice, dict(zip(chosen, means, strict=True)), selection.blank, elapsed,
+    return SeriesQuality(chosen, per_slice, _means(chosen, table[scored_idx]), selection.blank, elapsed,
                          selection.scored)
+
+
+def _means(names: list[str], scored: np.ndarray) -> dict[str, float]:
+    """The series value of each metric: the mean over the scored slices (rows), ignoring NaN values."""
+    with np.errstate(all="ignore"):
+        means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scored.T]
+    return dict(zip(names, means, strict=True))
+
+
+def slices_per_call(plane: tuple[int, ...]) -> int:
+    """How many slices of this (H, W) ``score_series`` scores in one stacked call.
+
+    Scoring a series in parts of a multiple of this gives the values of scoring it at once
+    (``joined_quality``): the slices are grouped the same way.
+    """
+    return max(1, _STACK_PIXELS // max(1, int(np.prod(plane))))
+
+
+def joined_quality(parts: list[SeriesQuality]) -> SeriesQuality:
+    """Consecutive parts of one series, each scored by ``score_series``, as the series' quality."""
+    if not parts:
+        raise MetricInputError("no scored parts to join")
+    names = parts[0].names
+    per_slice, skipped, scored, offset = [], [], [], 0
+    for part in parts:
+        per_slice += part.per_slice
+        skipped += [offset + i for i in part.skipped]
+        scored += [offset + i for i in part.scored_slices]
+        offset += len(part.per_slice)
+    table = np.array([[row[m] for m in names] for row in per_slice], dtype=np.float64).reshape(len(per_slice), -1)
+    return SeriesQuality(names, per_slice, _means(names, table[np.asarray(scored, dtype=np.intp)]), skipped,
+                         sum(p.elapsed_s for p in parts), scored)
 
 
 def threshold_failures(summary: dict[str, float], thresholds: dict[str, float]) -> list[str]:

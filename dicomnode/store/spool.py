@@ -18,11 +18,11 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset
 
@@ -122,8 +122,9 @@ def _write_all(fd: int, data: Chunks) -> None:
             view = view[written:]
 
 
-def atomic_write(path: Path, data: Chunks) -> Path:
-    """Write ``data`` (bytes, or a sequence of chunks written in order) to ``path`` atomically.
+def atomic_write(path: Path, data: Chunks | Callable[[BinaryIO], object]) -> Path:
+    """Write ``data`` to ``path`` atomically: bytes, a sequence of chunks written in order, or a
+    function that writes to the open file (an encoder streaming a large object, never held whole).
 
     Readers see all of it or nothing; it is durable when this returns.
     """
@@ -133,13 +134,17 @@ def atomic_write(path: Path, data: Chunks) -> Path:
         tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                if callable(data):
+                    with os.fdopen(fd, "wb", closefd=False) as out:
+                        data(out)
+                else:
+                    _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
-        except OSError:
+        except BaseException:  # a failed write or encoder leaves no partial file behind
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
@@ -197,9 +202,8 @@ class Spool:
 
     def write_dataset(self, ds: Dataset, path: Path) -> Path:
         """Encode ``ds`` as a Part 10 file (with file meta) and write it atomically to ``path``."""
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        return atomic_write(Path(path), buffer.getbuffer())
+        # Encoded straight into the file: a whole-body Parametric Map is not held a second time.
+        return atomic_write(Path(path), lambda out: ds.save_as(out, enforce_file_format=True))
 
     def purge_older_than(self, days: float, now: float | None = None) -> PurgeReport:
         """Delete spool files last modified more than ``days`` ago, then empty folders; 0 = keep all.

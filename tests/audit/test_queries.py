@@ -15,7 +15,7 @@ def _fill(db: AuditDB) -> int:
         s.add(Series(series_uid="1.2.3.4.5.6.7.8.9.10.11.12", study_uid="1.2", modality="PT", patient_id="SECRET42",
                      patient_name="Doe^Jane", received_count=48, expected_count=48, calling_ae="ORTHANC"))
         job = Job(rule="PT->CT", fixed_series_uid="1.1", moving_series_uid="1.2", study_uid="1.2", method="alpha",
-                  state=JobState.done, timings={"total_s": 12.5, "fusion_s": 3.0})
+                  state=JobState.done, timings={"total_s": 12.5, "fusion_s": 3.0, "cpu_s": {"fusion_s": 5.5}})
         s.add(job)
         s.flush()
         s.add_all([
@@ -41,6 +41,7 @@ def test_summary_and_job_text(tmp_path, capsys):
     assert "SECRET42" not in text and "Doe" not in text
     detail = job_text(db, job_id)
     assert "processing" in detail and "fusion_s=3.0" in detail
+    assert "CPU (s, the process): fusion_s=5.50" in detail and "cpu_s=" not in detail
     assert "1.5" in detail  # mean of the per-slice MI values
     db.close()
     args = argparse.Namespace(config=None, database_url=url, limit=5, job=None, study=None, patient=None, state=None)

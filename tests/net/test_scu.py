@@ -153,3 +153,37 @@ def test_pynetdicom_still_drops_responses_without_the_workaround(tmp_path, monke
             send_files(scripted_dest(peer), files, calling_ae="SENDER", timeout_s=3)
     assert "Received unexpected C-STORE service message" in caplog.text
     assert len(peer.stored) == peer.requests  # the peer stored the instance whose answer was dropped
+
+
+def test_a_large_file_is_sent_from_disk_not_decoded_whole(tmp_path):
+    """A whole-body Parametric Map is hundreds of MB: it was decoded and encoded whole to be sent (three
+    times its size traced); now pynetdicom reads it from its file a PDU at a time. What stays is the
+    P-DATA pynetdicom queues ahead of the socket (it does not wait for the socket), under the file's size."""
+    import tracemalloc
+
+    import numpy as np
+    from pydicom import dcmread
+
+    from tests.conftest import require_tool
+    from tests.e2e.dcmtk_peers import StoreSCPPeer
+
+    storescp = require_tool("storescp")
+    (path,) = write_series(tmp_path / "out", 1)
+    ds = dcmread(path)
+    pixels = np.random.default_rng(0).integers(0, 4000, (96, 256, 256), dtype=np.uint16)  # 12 MiB of frames
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = 96, pixels.shape[1:]
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    with StoreSCPPeer(storescp, tmp_path / "peer") as peer:
+        dest = Destination(name="peer", ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
+        send_files(dest, [path], calling_ae="TEST", timeout_s=10)  # imports and first-use caches
+        tracemalloc.start()
+        try:
+            report = send_files(dest, [path], calling_ae="TEST", timeout_s=10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        received = peer.files()
+    assert report.sent == 1 and len(received) == 2
+    assert dcmread(received[-1]).PixelData == pixels.tobytes()
+    assert peak < pixels.nbytes, f"{peak / 2**20:.1f} MiB traced while sending {pixels.nbytes / 2**20:.0f} MiB"

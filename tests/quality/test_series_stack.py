@@ -64,3 +64,25 @@ def test_stacked_equals_per_slice_on_real_ct(sts_dir):
     f = ndimage.gaussian_filter(np.maximum(a, b), (0, 1, 1))
     q = _assert_matches_per_slice(a, b, f)
     assert q.scored == 4 and all(np.isfinite(v) for v in q.summary.values())
+
+
+def test_a_series_scored_in_parts_equals_scoring_it_at_once():
+    """What the pipeline does with quality.max_slices = 0: parts of whole stacked calls, then joined."""
+    from dicomnode.quality.metrics import joined_quality, slices_per_call
+
+    rng = np.random.default_rng(5)
+    shape = (23, 128, 128)
+    a = ndimage.gaussian_filter(rng.normal(size=shape), (0, 2, 2))
+    a = (a - a.min()) / (a.max() - a.min()) * 255
+    b = rng.uniform(0, 255, shape)
+    f = 0.5 * a + 0.5 * b
+    a[3], b[3] = 0.0, 0.0  # a blank slice inside the first part
+    whole = score_series(a, b, f, NAMES)
+    step = slices_per_call(shape[1:]) * 2
+    assert step < shape[0]  # more than one part
+    joined = joined_quality([score_series(a[lo:lo + step], b[lo:lo + step], f[lo:lo + step], NAMES)
+                             for lo in range(0, shape[0], step)])
+    assert joined.summary == whole.summary and len(joined.per_slice) == shape[0]
+    for x, y in zip(joined.per_slice, whole.per_slice, strict=True):
+        assert all(x[n] == y[n] or (math.isnan(x[n]) and math.isnan(y[n])) for n in NAMES)
+    assert joined.skipped == whole.skipped == [3] and joined.scored_slices == whole.scored_slices

@@ -112,3 +112,40 @@ def test_part10_header_matches_pydicom_and_chunks_are_written_in_order(tmp_path)
     assert header == b"\0" * 128 + b"DICM" + expected.getvalue()
     path = atomic_write(tmp_path / "x.dcm", (header, b"\x10\x00\x10\x00PN\x04\x00A^B "))
     assert str(dcmread(path).PatientName) == "A^B" and dcmread(path).file_meta.MediaStorageSOPInstanceUID == "1.2.345"
+
+
+def _image(pixels: bytes) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.BitsAllocated = 8
+    ds.PixelData = pixels
+    return ds
+
+
+def test_write_dataset_streams_into_the_file(tmp_path):
+    """A large object is encoded straight into its file, not first into a second copy in memory."""
+    import tracemalloc
+
+    pixels = bytes(range(256)) * (32 * 1024)  # 8 MiB, like a Parametric Map's frames
+    ds = _image(pixels)
+    tracemalloc.start()
+    try:
+        path = Spool(tmp_path).write_dataset(ds, tmp_path / "out" / "big.dcm")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert dcmread(path).PixelData == pixels
+    assert peak < 1.5 * len(pixels)  # pydicom encodes each element once; the file is not built in memory
+
+
+def test_failed_encoding_leaves_no_file(tmp_path):
+    ds = _image(b"\0\0")
+    ds.add_new(0x00280010, "US", "not a number")  # Rows: fails while the file is being written
+    folder = tmp_path / "out"
+    with pytest.raises(Exception):
+        Spool(tmp_path).write_dataset(ds, folder / "bad.dcm")
+    assert not folder.exists() or list(folder.iterdir()) == []
