@@ -8,6 +8,7 @@ Where no margin is at least ``MIN_MARGIN_PX`` wide the bar is left out and the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,28 @@ def tick_labels(ticks: list[float]) -> list[str]:
     return [f"{round(t, decimals):g}" for t in ticks]
 
 
+def fit_ticks(low: float, high: float, length: int, along: Callable[[str], int]) -> list[float]:
+    """The ticks to label on a bar ``length`` px long: as many as leave the wider of two neighbouring
+    labels' size free between them (labels are centred on their ticks; ``along(text)``: a label's size
+    in px along the bar). An inner tick crowding an end goes first, then fewer ticks are tried.
+    """
+    span = max(high - low, 1e-12)
+
+    def crowded(ticks: list[float], i: int) -> bool:  # labels i and i + 1
+        a, b = (along(t) for t in tick_labels(ticks)[i:i + 2])
+        return (ticks[i + 1] - ticks[i]) / span * (length - 1) - (a + b) / 2 < max(a, b)
+
+    for count in (4, 3, 2, 1):
+        ticks = nice_ticks(low, high, count)
+        while len(ticks) > 2 and crowded(ticks, len(ticks) - 2):  # an irregular end value ("1038")
+            del ticks[-2]
+        while len(ticks) > 2 and crowded(ticks, 0):
+            del ticks[1]
+        if not any(crowded(ticks, i) for i in range(len(ticks) - 1)):
+            return ticks
+    return [float(low), float(high)]
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -87,24 +110,26 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     thick = int(np.clip(usable // 3, 1, max(2, (cols if vertical else rows) // 24)))
     font = _font(max(7, min(rows, cols) // 28))
     draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    for count in (4, 3, 2, 1):  # fewer ticks until their labels do not touch along the bar
-        ticks = nice_ticks(low, high, count)
-        texts = tick_labels(ticks)
-        sizes = [draw_probe.textbbox((0, 0), t, font=font) for t in texts]
-        text_w = max(b[2] - b[0] for b in sizes)
-        text_h = max(b[3] - b[1] for b in sizes)
-        # Neighbouring labels are centred on their ticks: they need half of each one's extent apart.
-        extent = [(b[3] - b[1]) if vertical else (b[2] - b[0]) for b in sizes]
-        gaps = [(t1 - t0) / max(high - low, 1e-12) * (length - 1) - (e0 + e1) / 2
-                for t0, t1, e0, e1 in zip(ticks, ticks[1:], extent, extent[1:])]
-        if min(gaps, default=0.0) >= 3:
-            break
+
+    def along(text: str) -> int:  # a label's size along the bar
+        box = draw_probe.textbbox((0, 0), text, font=font)
+        return box[3] - box[1] if vertical else box[2] - box[0]
+
+    # A horizontal bar and its unit, written before the low end, are centred together: the unit never
+    # runs into the bar ("counts" is wider than the 15 % of the edge left of a centred bar).
+    lead = along(unit) + 3 if unit and not vertical else 0
+    length = min(length, cols - 2 - lead) if lead else length
+    start = (cols - lead - length) // 2 + lead if lead else (rows if vertical else cols) // 2 - length // 2
+    ticks = fit_ticks(low, high, length, along)
+    texts = tick_labels(ticks)
+    sizes = [draw_probe.textbbox((0, 0), t, font=font) for t in texts]
+    text_w = max(b[2] - b[0] for b in sizes)
+    text_h = max(b[3] - b[1] for b in sizes)
     labelled = usable >= thick + 4 + (text_w if vertical else text_h)
     layer = Image.new("RGB", (cols, rows))
     mask = Image.new("L", (cols, rows))
     draw, mdraw = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
     ramp = (np.clip(colours, 0, 1) * 255 + 0.5).astype(np.uint8)
-    start = (rows if vertical else cols) // 2 - length // 2
     if vertical:
         c0 = cols - 1 - thick if side == "right" else 1
         r_box = (start, c0, start + length, c0 + thick)
@@ -151,7 +176,7 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
             x = r_box[1] + thick // 2 - uw // 2 if side == "left" else r_box[3] - uw
             xy = (int(np.clip(x, 0, cols - uw)), max(0, start - uh - 3))
         else:
-            xy = (max(0, start - uw - 3), int(np.clip((r_box[0] + r_box[2]) // 2 - uh // 2, 0, rows - uh)))
+            xy = (start - lead, int(np.clip((r_box[0] + r_box[2]) // 2 - uh // 2, 0, rows - uh)))
         _text(draw, mdraw, (xy[0] - ub[0], xy[1] - ub[1]), unit, font)
     bar = np.asarray(layer, dtype=np.uint8)
     keep = np.asarray(mask, dtype=np.uint8) > 0

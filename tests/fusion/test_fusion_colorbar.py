@@ -1,0 +1,61 @@
+"""Colour bar layout: tick labels a reader can tell apart, and a unit that stays off the bar."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dicomnode.fusion.colorbar import fit_ticks, render_bar
+
+RAMP = np.linspace(0, 1, 64)[:, None].repeat(3, axis=1)
+
+
+def _footprint(shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    body = np.zeros(shape, bool)
+    body[rows[0]:rows[1], cols[0]:cols[1]] = True
+    return body
+
+
+def _labels_along_bottom_bar(mask: np.ndarray, box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """(first, last) label column of each tick of a bottom bar, left to right, from its mask alone."""
+    row0 = box[0]
+    ticks = np.flatnonzero(mask[row0 - 2])  # the tick marks stand on the bar
+    band = mask[:row0 - 3].any(axis=0)  # the labels above them
+    cols = np.flatnonzero(band)
+    owner = np.argmin(np.abs(cols[:, None] - ticks[None, :]), axis=1)
+    return [(int(cols[owner == k].min()), int(cols[owner == k].max())) for k in range(len(ticks))]
+
+
+def test_an_irregular_end_label_stands_clear_of_its_neighbour():
+    # STS_002's MR on its CT (143 x 161, a bottom margin): the range ends at 1038, not on a round
+    # tick. The old layout put "800" 12 px from "1038", closer than a label is wide.
+    shape = (143, 161)
+    bar = render_bar(shape, _footprint(shape, (5, 115), (10, 150)), RAMP, 0.000717, 1037.99, "")
+    assert bar is not None
+    _, mask, placement = bar
+    assert placement.side == "bottom" and placement.labelled
+    labels = _labels_along_bottom_bar(mask.astype(bool), placement.box)
+    assert len(labels) >= 3  # the two ends and at least one round value between them
+    for (a0, a1), (b0, b1) in zip(labels, labels[1:]):
+        wider = max(a1 - a0 + 1, b1 - b0 + 1)
+        assert b0 - a1 - 1 >= wider, labels
+
+
+def test_fit_ticks_keeps_the_ends_and_drops_the_inner_tick_that_crowds_one():
+    digits = lambda text: 4 * len(text)  # noqa: E731 -- a 4-px-wide digit, as the bar's font at 7 px
+    ticks = fit_ticks(0.000717, 1037.99, 113, digits)
+    assert ticks[0] == 0.000717 and ticks[-1] == 1037.99
+    assert 900.0 not in ticks and 600.0 in ticks  # 900 crowds "1038"; 0, 300, 600 stay evenly spaced
+    assert fit_ticks(0.0, 10.0, 113, digits) == [0.0, 2.5, 5.0, 7.5, 10.0]  # a round range keeps them all
+
+
+def test_the_unit_before_a_horizontal_bar_does_not_run_into_it():
+    # The synthetic NM on its CT (128 x 128, a top margin): "counts" is wider than the space left
+    # of a centred bar, so the old layout wrote it over the bar's low end.
+    shape = (128, 128)
+    bar = render_bar(shape, _footprint(shape, (20, 120), (5, 123)), RAMP, 0.0, 518.6, "counts")
+    assert bar is not None
+    _, mask, placement = bar
+    row0, col0, row1, _ = placement.box
+    assert placement.side == "top" and placement.labelled
+    assert mask[row0:row1, :col0 - 1].any(), "the unit is written before the bar"
+    assert not mask[row0:row1, col0 - 1].any(), "a clear column between the unit and the bar"
