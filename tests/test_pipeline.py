@@ -176,9 +176,9 @@ def test_study_and_deidentification_attributes_are_copied_exactly(deidentified_s
             assert ds[keyword].value == source[keyword].value, (series.kind, keyword)
 
 
-def test_every_output_is_dciodvfy_clean(pet_job, mr_job):
+def test_every_output_is_dciodvfy_clean(pet_job, mr_job, chroma_job):
     require_tool("dciodvfy")
-    for output in (pet_job, mr_job):
+    for output in (pet_job, mr_job, chroma_job):  # chroma: the default, with its colour bar burned in
         for series in output.series:
             for path in series.files[:2]:
                 report = validate_file(path)
@@ -213,6 +213,17 @@ def test_colour_bar_lies_outside_the_body_and_is_in_every_slice(big_study, chrom
     assert not (mask & footprint).any(), "colour bar over the body"
     for ds in _outputs(chroma_job, "fused"):
         assert np.array_equal(ds.pixel_array[mask], layer[mask])
+
+
+def test_the_default_methods_contribution_map_is_zero_outside_the_body(big_study, chroma_job):
+    _, paths = big_study
+    body, z = _fixed_body(paths)
+    (pm,) = _outputs(chroma_job, "heatmap")
+    values, positions = decode_parametric_map(pm)
+    inside = body[[int(np.argmin(np.abs(z - p[2]))) for p in positions]]
+    assert (~inside).sum() > 0.2 * inside.size
+    assert float(np.abs(values[~inside]).max()) == 0.0
+    assert float(values[inside].max()) > 0.1
 
 
 def test_descriptions_say_what_the_colours_mean(chroma_job):
