@@ -108,6 +108,20 @@ def _labels(grid: _Grid, spec: PhantomSpec, z_half_extent: float) -> dict[str, n
     }.items()}
 
 
+# The phantom's tissues in the order the CT paints them (a later one over an earlier one).
+TISSUES = ("air", "body", "inner", "lungs", "liver", "spine", "lesion")
+
+
+def tissue_labels(shape: tuple[int, int, int] = (48, 64, 64), spec: PhantomSpec = PhantomSpec()) -> np.ndarray:
+    """The tissue of every CT/MR voxel (z, y, x) as an index into ``TISSUES``: the phantom's ground truth."""
+    fine, _ = _grids(shape)
+    masks = _labels(fine, spec, fine.spacing[2] * fine.shape[0] / 2)
+    out = np.zeros(shape, dtype=np.int64)
+    for index, name in enumerate(TISSUES[1:], start=1):
+        out[masks[name]] = index
+    return out
+
+
 def _paint(masks: dict[str, np.ndarray], values: dict[str, float], outside: float) -> np.ndarray:
     """Later keys paint over earlier ones."""
     out = np.full(masks["body"].shape, outside, dtype=np.float64)

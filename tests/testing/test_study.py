@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from dicomnode.dicomio.validate import validate_dataset
-from dicomnode.testing.study import PhantomSpec, synthetic_datasets, write_synthetic_study
+from dicomnode.testing.study import TISSUES, PhantomSpec, synthetic_datasets, tissue_labels, write_synthetic_study
 from tests.conftest import require_tool
 
 SMALL = (12, 32, 32)
@@ -91,6 +91,17 @@ def test_ct_is_in_hounsfield_units(study):
     assert float(hu.min()) == pytest.approx(-1000, abs=40)
     assert float(np.median(hu[(hu > -200) & (hu < 200)])) == pytest.approx(40, abs=25)
     assert (hu > 500).any(), "the spine is bone"
+
+
+def test_tissue_labels_are_the_ct_s_tissues():
+    ct = synthetic_datasets(modalities=("CT",), shape=SMALL, seed=1, spec=PhantomSpec(ct_noise_hu=0.0))["CT"]
+    hu = np.stack([ds.pixel_array.astype(float) + float(ds.RescaleIntercept) for ds in ct])
+    labels = tissue_labels(SMALL)
+    painted = {"air": -1000, "body": -100, "inner": 40, "lungs": -800, "liver": 60, "spine": 700, "lesion": 70}
+    for index, name in enumerate(TISSUES):
+        if (labels == index).any():
+            assert set(np.unique(hu[labels == index])) == {painted[name]}, name
+    assert len(np.unique(labels)) >= 6
 
 
 def test_pixels_follow_the_seed_and_uids_are_fresh():
