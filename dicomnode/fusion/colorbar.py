@@ -2,8 +2,10 @@
 
 One bar, at one place, for the whole series (the scale is the series' fixed display range). It
 goes into the widest margin that holds no body pixel on any slice, 1 px clear of the body and of
-the image edge; ticks are labelled when the margin has room for the text, else drawn alone.
-Where no margin is at least ``MIN_MARGIN_PX`` wide the bar is left out and the caller says so.
+the image edge; ticks are labelled when the margin has room for the text, else drawn alone, with
+neighbouring labels at least a label apart. Marks carry a 1-px black halo, so a table or tube in
+the margin cannot run into them. Where no margin is at least ``MIN_MARGIN_PX`` wide the bar is left
+out and the caller says so.
 """
 
 from __future__ import annotations
@@ -178,8 +180,10 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
         else:
             xy = (start - lead, int(np.clip((r_box[0] + r_box[2]) // 2 - uh // 2, 0, rows - uh)))
         _text(draw, mdraw, (xy[0] - ub[0], xy[1] - ub[1]), unit, font)
-    bar = np.asarray(layer, dtype=np.uint8)
-    keep = np.asarray(mask, dtype=np.uint8) > 0
+    bar = np.array(layer, dtype=np.uint8)
+    drawn = np.asarray(mask, dtype=np.uint8) > 0
+    keep = _grow(drawn)  # a 1-px black halo: labels stay legible over a bright table or tube in the margin
+    bar[keep & ~drawn] = 0
     keep &= ~_grow(footprint)  # never over the body, whatever the font did
     return bar, keep.astype(np.uint8), BarPlacement(side, r_box, labelled)
 

@@ -15,11 +15,16 @@ def _footprint(shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, i
     return body
 
 
-def _labels_along_bottom_bar(mask: np.ndarray, box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
-    """(first, last) label column of each tick of a bottom bar, left to right, from its mask alone."""
+def _white(layer: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The bar's white marks (ticks, labels, unit), without the black halo around them."""
+    return mask.astype(bool) & (layer.min(axis=-1) > 127)
+
+
+def _labels_along_bottom_bar(white: np.ndarray, box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """(first, last) label column of each tick of a bottom bar, left to right, from its white marks alone."""
     row0 = box[0]
-    ticks = np.flatnonzero(mask[row0 - 2])  # the tick marks stand on the bar
-    band = mask[:row0 - 3].any(axis=0)  # the labels above them
+    ticks = np.flatnonzero(white[row0 - 2])  # the tick marks stand on the bar
+    band = white[:row0 - 3].any(axis=0)  # the labels above them
     cols = np.flatnonzero(band)
     owner = np.argmin(np.abs(cols[:, None] - ticks[None, :]), axis=1)
     return [(int(cols[owner == k].min()), int(cols[owner == k].max())) for k in range(len(ticks))]
@@ -31,9 +36,9 @@ def test_an_irregular_end_label_stands_clear_of_its_neighbour():
     shape = (143, 161)
     bar = render_bar(shape, _footprint(shape, (5, 115), (10, 150)), RAMP, 0.000717, 1037.99, "")
     assert bar is not None
-    _, mask, placement = bar
+    layer, mask, placement = bar
     assert placement.side == "bottom" and placement.labelled
-    labels = _labels_along_bottom_bar(mask.astype(bool), placement.box)
+    labels = _labels_along_bottom_bar(_white(layer, mask), placement.box)
     assert len(labels) >= 3  # the two ends and at least one round value between them
     for (a0, a1), (b0, b1) in zip(labels, labels[1:]):
         wider = max(a1 - a0 + 1, b1 - b0 + 1)
@@ -54,8 +59,25 @@ def test_the_unit_before_a_horizontal_bar_does_not_run_into_it():
     shape = (128, 128)
     bar = render_bar(shape, _footprint(shape, (20, 120), (5, 123)), RAMP, 0.0, 518.6, "counts")
     assert bar is not None
-    _, mask, placement = bar
+    layer, mask, placement = bar
     row0, col0, row1, _ = placement.box
     assert placement.side == "top" and placement.labelled
-    assert mask[row0:row1, :col0 - 1].any(), "the unit is written before the bar"
-    assert not mask[row0:row1, col0 - 1].any(), "a clear column between the unit and the bar"
+    white = _white(layer, mask)
+    assert white[row0:row1, :col0 - 2].any(), "the unit is written before the bar"
+    assert not white[row0:row1, col0 - 2:col0].any(), "clear columns between the unit and the bar"
+    assert not mask[row0:row1, col0 - 1].any() or (layer[row0:row1, col0 - 1] == 0).all()  # at most a black halo
+
+
+def test_marks_carry_a_black_halo_that_stays_off_the_body():
+    from scipy import ndimage
+
+    shape = (143, 161)
+    body = _footprint(shape, (5, 115), (10, 150))
+    layer, mask, placement = render_bar(shape, body, RAMP, 0.0, 10.0, "SUV")
+    white, kept = _white(layer, mask), mask.astype(bool)
+    ramp = np.zeros(shape, bool)
+    row0, col0, row1, col1 = placement.box
+    ramp[row0:row1, col0:col1] = True
+    around = ndimage.binary_dilation(white) & ~white & ~ramp & ~ndimage.binary_dilation(body)
+    assert around.any() and kept[around].all() and (layer[around] == 0).all()
+    assert not (kept & body).any()
