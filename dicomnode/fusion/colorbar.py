@@ -120,7 +120,9 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     # A horizontal bar and its unit, written before the low end, are centred together: the unit never
     # runs into the bar ("counts" is wider than the 15 % of the edge left of a centred bar).
     lead = along(unit) + 3 if unit and not vertical else 0
-    length = min(length, cols - 2 - lead) if lead else length
+    if lead and cols - 2 - lead < length // 2:  # no room: the unit is left to the SeriesDescription
+        unit, lead = "", 0
+    length = min(length, cols - 2 - lead)
     start = (cols - lead - length) // 2 + lead if lead else (rows if vertical else cols) // 2 - length // 2
     ticks = fit_ticks(low, high, length, along)
     texts = tick_labels(ticks)
