@@ -254,11 +254,12 @@ class FusionConfig(_Section):
     contribution_tau: float = Field(0.05, gt=0, le=1)
     # Chroma method: the colour map whose chroma shows the moving value, its strength, the fade-in
     # (pixels) inside the moving field-of-view edge, and per moving modality the luminance lift
-    # (fixed image on Y in [lift, 1 - lift]) that lets black and white pixels carry colour.
+    # (fixed image on Y in [lift, 1 - lift]) that lets black and white pixels carry colour (without it
+    # the synthetic NM tumour's function fell below the viewer overlay's, docs/benchmarks.md).
     chroma_colormap: str = "fusion"
     chroma_saturation: float = Field(1.0, gt=0, le=4)
     chroma_feather_px: int = Field(4, ge=0, le=64)
-    chroma_lift: dict[str, float] = Field(default_factory=lambda: {"MR": 0.05, "CT": 0.05})
+    chroma_lift: dict[str, float] = Field(default_factory=lambda: {"MR": 0.05, "CT": 0.05, "NM": 0.05})
 
 
 class QualityConfig(_Section):
