@@ -5,7 +5,7 @@ ranges, field of view, 8-bit output), next to the viewer overlay, both scored wi
 ``clinical_fidelity.py`` (the served figures are the same). It prints, as markdown:
 
 * the figures on both studies, then on the phantom with other CT noise (``PhantomSpec.ct_noise_hu``)
-  and with PET shown on the viewer's display range instead of the configured SUV range;
+  and with PET on a fixed SUV 0-10 (``fusion.pet_suv_max = 10``) instead of the series' display range;
 * the phantom's kept figures against its noise-free truth (what is structure, not noise);
 * anatomy on the phantom: how much of H(CT) over the body is noise inside its tissue classes, the
   H(CT | F) each image leaves per tissue, and I(F; tissue) / H(tissue), its anatomy by construction;
@@ -70,7 +70,7 @@ def node_fused(inputs: Inputs, modality: str, fusion) -> np.ndarray:
     volume, values, fov = inputs.moving[modality]
     part = str(inputs.ct.headers[0].get("BodyPartExamined", ""))
     fixed = apply_range(inputs.hu, intensity_range(inputs.hu, "CT", inputs.ct.units, fusion, body_part=part))
-    moving = apply_range(values, intensity_range(values, modality, volume.units, fusion, body_part=part))
+    moving = apply_range(values, intensity_range(values, modality, volume.units, fusion, body_part=part, inside=fov))
     method = fusion.default_method
     colormap = fusion.colormap if is_functional(modality) and method != CHROMA else None
     result = FusionEngine(method, fusion, "cpu").fuse(
@@ -198,13 +198,11 @@ def main() -> int:
             files = write_synthetic_study(folder, modalities=("CT", "PT", "MR", "NM"), seed=11, shape=shape,
                                           spec=PhantomSpec(ct_noise_hu=sd))
             print("\n".join(figure_rows(load(cf.Study("synthetic", files)), f"synthetic, CT noise {sd:g} HU", fusion)))
-        print("\n## PET on the viewer's display range, SUV 0..max(p99.9, 5)\n\n" + head + "\n|" + "---|" * 7)
+        print("\n## PET on a fixed SUV 0-10 (`fusion.pet_suv_max = 10`)\n\n" + head + "\n|" + "---|" * 7)
         for inputs in (sts, phantom):
-            _, values, fov = inputs.moving["PT"]
-            high = cf.display_range(values, "PT", fov)[1]
             only_pt = dataclasses.replace(inputs, moving={"PT": inputs.moving["PT"]})
-            print("\n".join(figure_rows(only_pt, f"{inputs.name}, SUV 0-{high:.1f}",
-                                        fusion.model_copy(update={"pet_suv_max": high}))))
+            print("\n".join(figure_rows(only_pt, f"{inputs.name}, SUV 0-10",
+                                        fusion.model_copy(update={"pet_suv_max": 10.0}))))
         files = write_synthetic_study(Path(tmp) / "noise-free", modalities=("CT", "PT", "MR", "NM"), seed=11,
                                       shape=shape, spec=PhantomSpec(ct_noise_hu=0.0, pet_noise=0.0))
         print("\n## The phantom's figures against its noise-free truth (CT, PET and NM noise 0; the MR as it is)\n\n"

@@ -2,7 +2,8 @@
 
 CT: a fixed window in HU (soft tissue, or brain for head body parts; configurable).
 MR: robust percentiles (low, high) of the non-zero voxels.
-PT: SUV with a fixed upper bound (default) or a percentile upper bound; other units by percentiles.
+PT: 0 up to a percentile of the series inside its field of view (in SUV at least a floor: the reader's
+viewer range), or a fixed SUV bound.
 NM: percentiles of the non-zero voxels.
 """
 
@@ -57,9 +58,10 @@ class DisplayRange:
     high: float
     unit: str
     kind: str  # "window" (CT), "fixed" (PET SUV bound), "percentile"
+    rule: str = ""  # how a range taken from the series was chosen, for DerivationDescription
 
     def describe(self) -> str:
-        """e.g. "SUV 0-10", "HU -160-240", "0-1198" (values, in the unit when it has one)."""
+        """e.g. "SUV 0-16.7", "HU -160-240", "0-1198" (values, in the unit when it has one)."""
         # Three significant digits of the span: an MR p0.5 of 0.000717 below 1038 reads 0.
         decimals = max(0, 2 - math.floor(math.log10(max(self.high - self.low, 1e-12))))
         text = f"{round(self.low, decimals):g}-{round(self.high, decimals):g}"
@@ -67,8 +69,12 @@ class DisplayRange:
 
 
 def intensity_range(array: np.ndarray, modality: str, units: str | None, fusion_config,
-                    body_part: str | None = None) -> DisplayRange:
-    """The series-wide range ``prepare_intensities`` maps to [0, 1] (one scale for every slice)."""
+                    body_part: str | None = None, inside: np.ndarray | None = None) -> DisplayRange:
+    """The series-wide range ``prepare_intensities`` maps to [0, 1] (one scale for every slice).
+
+    ``inside``: boolean like ``array``, where the moving image has data (its field of view on the
+    fixed grid); PET's percentile is taken there, zeros included, as a viewer takes it on the PET.
+    """
     modality = modality.upper()
     cfg = fusion_config
     if modality == "CT":
@@ -83,11 +89,23 @@ def intensity_range(array: np.ndarray, modality: str, units: str | None, fusion_
         event(log, "prepare", logging.DEBUG, modality="PT", units=units, suv=is_suv)
         if is_suv and cfg.pet_suv_max > 0:
             return DisplayRange(0.0, float(cfg.pet_suv_max), "SUV", "fixed")
-        unit = "SUV" if is_suv else (units or "counts").upper()
-        return DisplayRange(0.0, _percentile_range(array, 0.0, cfg.pet_percentile)[1], unit, "percentile")
+        return _pet_range(array, inside, cfg, is_suv, units)
     if modality == "NM":
         return DisplayRange(*_percentile_range(array, *cfg.nm_percentiles), "counts", "percentile")
     raise UnsupportedModality(f"cannot prepare modality {modality!r} for fusion (supported: CT, MR, PT, NM)")
+
+
+def _pet_range(array: np.ndarray, inside: np.ndarray | None, cfg, is_suv: bool, units: str | None) -> DisplayRange:
+    """0 .. the series' pet_percentile inside its field of view; in SUV at least pet_suv_max_floor."""
+    array = np.asarray(array)
+    keep = np.isfinite(array) if inside is None else np.isfinite(array) & inside
+    values = array[keep]  # a copy, so the percentile may reorder it
+    high = float(np.percentile(values, cfg.pet_percentile, overwrite_input=True)) if values.size else 0.0
+    rule = f"p{cfg.pet_percentile:g} of the series" + (" in its field of view" if inside is not None else "")
+    if is_suv:
+        high, rule = max(high, cfg.pet_suv_max_floor), f"{rule}, at least {cfg.pet_suv_max_floor:g}"
+    return DisplayRange(0.0, high if high > 0 else 1.0, "SUV" if is_suv else (units or "counts").upper(),
+                        "percentile", rule)
 
 
 def prepare_intensities(array: np.ndarray, modality: str, units: str | None, fusion_config, body_part: str | None = None) -> np.ndarray:
