@@ -18,6 +18,9 @@ import numpy as np
 from dicomnode.domain import CHROMA
 
 MIN_MARGIN_PX = 3
+# Below this size the scalable font's digits are 5 px tall and blur into each other (its "16.7" read
+# "10.7" on a 143 px CT): Pillow's bitmap font, drawn for small pixel sizes (7 px digits), is used instead.
+SCALABLE_FONT_MIN_PX = 10
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,12 @@ def fit_ticks(low: float, high: float, length: int, along: Callable[[str], int])
 def _font(size: int):
     from PIL import ImageFont
 
+    if size < SCALABLE_FONT_MIN_PX:
+        return ImageFont.load_default_imagefont()
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default_imagefont()
 
 
 def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarray, low: float, high: float,
@@ -114,7 +119,7 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def along(text: str) -> int:  # a label's size along the bar
-        box = draw_probe.textbbox((0, 0), text, font=font)
+        box = _box(draw_probe, text, font)
         return box[3] - box[1] if vertical else box[2] - box[0]
 
     # A horizontal bar and its unit, written before the low end, are centred together: the unit never
@@ -126,7 +131,7 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     start = (cols - lead - length) // 2 + lead if lead else (rows if vertical else cols) // 2 - length // 2
     ticks = fit_ticks(low, high, length, along)
     texts = tick_labels(ticks)
-    sizes = [draw_probe.textbbox((0, 0), t, font=font) for t in texts]
+    sizes = [_box(draw_probe, t, font) for t in texts]
     text_w = max(b[2] - b[0] for b in sizes)
     text_h = max(b[3] - b[1] for b in sizes)
     labelled = usable >= thick + 4 + (text_w if vertical else text_h)
@@ -174,7 +179,7 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
                 x = int(np.clip(col - w // 2, 0, cols - w))
                 _text(draw, mdraw, (x - bbox[0], y - bbox[1]), text, font)
     if labelled and unit:  # the unit before the low end (horizontal) or above the high end (vertical)
-        ub = draw_probe.textbbox((0, 0), unit, font=font)
+        ub = _box(draw_probe, unit, font)
         uw, uh = ub[2] - ub[0], ub[3] - ub[1]
         if vertical:
             x = r_box[1] + thick // 2 - uw // 2 if side == "left" else r_box[3] - uw
@@ -188,6 +193,15 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     bar[keep & ~drawn] = 0
     keep &= ~_grow(footprint)  # never over the body, whatever the font did
     return bar, keep.astype(np.uint8), BarPlacement(side, r_box, labelled)
+
+
+def _box(draw, text: str, font) -> tuple[int, int, int, int]:
+    """The ink box of ``text`` drawn at (0, 0): a bitmap font's own box is its whole cell, blank rows included."""
+    from PIL import ImageFont
+
+    box = draw.textbbox((0, 0), text, font=font)
+    ink = font.getmask(text).getbbox() if isinstance(font, ImageFont.ImageFont) else None
+    return (box[0] + ink[0], box[1] + ink[1], box[0] + ink[2], box[1] + ink[3]) if ink else box
 
 
 def _text(draw, mdraw, xy, text, font) -> None:

@@ -81,3 +81,21 @@ def test_marks_carry_a_black_halo_that_stays_off_the_body():
     around = ndimage.binary_dilation(white) & ~white & ~ramp & ~ndimage.binary_dilation(body)
     assert around.any() and kept[around].all() and (layer[around] == 0).all()
     assert not (kept & body).any()
+
+
+def test_labels_on_a_small_image_are_large_enough_to_tell_digits_apart():
+    # STS_002's PET on its CT (143 x 161, a bottom margin) ends at SUV 16.7: in the scalable font's
+    # 5 px digits the burned "16.7" read "10.7" (the strokes of the 6 and the 0 differed in 2 pixels).
+    shape = (143, 161)
+    body = _footprint(shape, (5, 115), (10, 150))
+
+    def end_label(high: float) -> np.ndarray:
+        layer, mask, placement = render_bar(shape, body, RAMP, 0.0, high, "SUV")
+        assert placement.side == "bottom" and placement.labelled
+        row0, _, _, col1 = placement.box
+        return _white(layer, mask)[:row0 - 3, col1 - 20:]
+
+    six, zero = end_label(16.7), end_label(10.7)
+    rows = np.flatnonzero(six.any(axis=1))
+    assert rows.max() - rows.min() + 1 >= 7, "digits at least 7 px tall"
+    assert (six ^ zero).sum() >= 4
