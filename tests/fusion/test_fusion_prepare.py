@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import FusionConfig
-from dicomnode.fusion.prepare import UnsupportedModality, intensity_range, prepare_intensities
+from dicomnode.fusion.prepare import UnsupportedModality, intensity_range, prepare_intensities, series_percentile
 
 
 def test_ct_soft_tissue_and_brain_windows():
@@ -46,6 +46,19 @@ def test_pet_suv_range_is_the_series_percentile_inside_its_field_of_view():
     assert window.high > float(np.percentile(suv, 99.9)) + 0.01
     assert "p99.9 of the series in its field of view, at least 5" == window.rule
     assert window.describe() == f"SUV 0-{round(expected, 1):g}"
+
+
+@pytest.mark.parametrize("q", [0.0, 37.3, 99.5, 99.9, 100.0])
+def test_the_series_percentile_read_in_slabs_is_numpys_on_the_whole_series(q):
+    rng = np.random.default_rng(5)
+    heavy = (rng.exponential(1.0, (9, 17, 13)) ** 3).astype(np.float32)  # PET-like: a long hot tail
+    ties = rng.integers(0, 4, (9, 17, 13)).astype(np.float32)
+    for values in (heavy, ties):
+        values[0, 0, 0] = np.nan  # not a value: left out, as a viewer leaves it
+        inside = rng.random(values.shape) > 0.3
+        kept = values[inside & np.isfinite(values)]
+        for slices, bins in ((1, 1024), (4, 7), (16, 1)):
+            assert series_percentile(values, q, inside, slices=slices, bins=bins) == float(np.percentile(kept, q))
 
 
 def test_pet_suv_range_is_at_least_the_floor():
