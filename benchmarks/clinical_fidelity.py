@@ -162,17 +162,6 @@ def rescaled_per_frame(values: np.ndarray) -> bool:
     return bool(peaks.size > 1 and np.allclose(peaks, peaks.max(), rtol=1e-3))
 
 
-def fov_mask(fixed, moving) -> np.ndarray:
-    """Fixed voxels (z, y, x) whose centre lies inside the moving image's field of view (identity)."""
-    import SimpleITK as sitk
-
-    from dicomnode.imaging.resample import resample_image
-
-    ones = sitk.Image(moving.image.GetSize(), sitk.sitkFloat32) + 1.0
-    ones.CopyInformation(moving.image)
-    return sitk.GetArrayFromImage(resample_image(fixed.image, ones, None, 0.0)) > 0.5
-
-
 # ---------------------------------------------------------------------------------------------
 # The real path: dicomnode serve <- storescu (the study); dicomnode serve -> storescp (the outputs)
 
@@ -332,7 +321,7 @@ def score_study(study: Study, received: dict[str, list[Path]], png: Path | None)
     import SimpleITK as sitk
 
     from dicomnode.imaging.body import body_mask
-    from dicomnode.imaging.resample import resample_onto
+    from dicomnode.imaging.resample import field_of_view, resample_onto
     from dicomnode.imaging.volume import load_series
 
     ct = load_series(study.files["CT"])
@@ -344,7 +333,7 @@ def score_study(study: Study, received: dict[str, list[Path]], png: Path | None)
     for modality in [m for m in ("PT", "MR", "NM") if m in study.files]:
         moving = load_series(study.files[modality])
         values = resample_onto(ct, moving)
-        fov = fov_mask(ct, moving)
+        fov = np.array(field_of_view(ct, moving))  # identity: one frame of reference
         low, high = display_range(values, modality, fov)
         shown = np.clip((values - low) / (high - low), 0, 1)
         pair = f"{modality}->CT"

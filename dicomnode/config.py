@@ -242,9 +242,12 @@ class FusionConfig(_Section):
     # MR and NM: robust percentiles (low, high) of the non-zero voxels mapped to 0 and 1.
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     nm_percentiles: tuple[float, float] = (0.0, 99.5)
-    # PET in SUV: fixed upper bound (0: use pet_percentile); other units always use the percentile.
-    pet_suv_max: float = Field(10.0, ge=0)
-    pet_percentile: float = Field(99.5, gt=0, le=100)
+    # PET: 0 up to the series' pet_percentile inside the PET field of view, in SUV at least
+    # pet_suv_max_floor: the range a reader's viewer shows, SUV 0..max(p99.9, 5) (docs/benchmarks.md,
+    # clinical fidelity), taken once per series. pet_suv_max > 0 fixes the SUV bound instead.
+    pet_suv_max: float = Field(0.0, ge=0)
+    pet_percentile: float = Field(99.9, gt=0, le=100)
+    pet_suv_max_floor: float = Field(5.0, ge=0)
     # Moving-signal threshold of the alpha overlay, as a fraction of the prepared range.
     alpha_threshold: float = Field(0.02, ge=0.0, lt=1.0)
     # Also compute the Grad-CAM saliency map (network method; costs one backward pass per batch).
@@ -254,11 +257,12 @@ class FusionConfig(_Section):
     contribution_tau: float = Field(0.05, gt=0, le=1)
     # Chroma method: the colour map whose chroma shows the moving value, its strength, the fade-in
     # (pixels) inside the moving field-of-view edge, and per moving modality the luminance lift
-    # (fixed image on Y in [lift, 1 - lift]) that lets black and white pixels carry colour.
+    # (fixed image on Y in [lift, 1 - lift]) that lets black and white pixels carry colour (without it
+    # the synthetic NM tumour's function fell below the viewer overlay's, docs/benchmarks.md).
     chroma_colormap: str = "fusion"
     chroma_saturation: float = Field(1.0, gt=0, le=4)
     chroma_feather_px: int = Field(4, ge=0, le=64)
-    chroma_lift: dict[str, float] = Field(default_factory=lambda: {"MR": 0.05, "CT": 0.05})
+    chroma_lift: dict[str, float] = Field(default_factory=lambda: {"MR": 0.05, "CT": 0.05, "NM": 0.05})
 
 
 class QualityConfig(_Section):

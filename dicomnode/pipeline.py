@@ -143,7 +143,7 @@ def _luma(rgb):
 
 
 def reader_description(moving_modality: str, fixed_modality: str, moving_range) -> str:
-    """A SeriesDescription a reader understands: "PET on CT fusion, SUV 0-10", "MR on CT fusion, MR 12-845"."""
+    """A SeriesDescription a reader understands: "PET on CT fusion, SUV 0-16.7", "MR on CT fusion, MR 12-845"."""
     name = READER_NAMES.get(moving_modality, moving_modality)
     values = moving_range.describe() if moving_range.unit else f"{name} {moving_range.describe()}"
     return f"{name} on {READER_NAMES.get(fixed_modality, fixed_modality)} fusion, {values}"
@@ -159,8 +159,9 @@ def scale_text(method: str, fusion_config, moving_modality: str, moving_range, f
     else:
         colours = "grey"
     where = f"colour bar in the {placement.side} margin" if placement else "no colour bar (no body-free margin)"
-    what = "percentiles " if moving_range.kind == "percentile" else ""
-    return (f"{colours}, {moving_modality} {what}{moving_range.describe()}; "
+    what = "percentiles " if moving_range.kind == "percentile" and not moving_range.rule else ""
+    rule = f" ({moving_range.rule})" if moving_range.rule else ""
+    return (f"{colours}, {moving_modality} {what}{moving_range.describe()}{rule}; "
             f"{fixed_modality} {fixed_range.kind} {fixed_range.describe()}; {where}")
 
 
@@ -256,15 +257,18 @@ def process_job(inputs: JobInputs) -> ProcessingOutput:
         fixed_arr = sitk.GetArrayViewFromImage(fixed.image)  # float32 (z, y, x), a view: no copy
         body = body_mask(fixed_arr, fixed.modality)
     with watch.stage("resample"):
-        # Read slab by slab where needed, never held on the whole fixed grid. Only chroma reads
-        # the field of view (it fades its colour at the edge).
+        # Read slab by slab where needed, never held on the whole fixed grid. Chroma fades its colour
+        # at the field-of-view edge; PET's display range is taken inside it.
         resampling = partial(watch.stage, "resample")
-        fov = field_of_view(fixed, moving, reg.transform, stage=resampling) if inputs.method == CHROMA else None
+        needs_fov = inputs.method == CHROMA or moving.modality == "PT"
+        fov = field_of_view(fixed, moving, reg.transform, stage=resampling) if needs_fov else None
         moving_on_grid = moving_on_fixed(fixed, moving, reg.transform, stage=resampling)
     with watch.stage("prepare"):
         body_part = str(fixed.headers[0].get("BodyPartExamined", "")) if fixed.headers else ""
         fixed_range = intensity_range(fixed_arr, fixed.modality, fixed.units, cfg.fusion, body_part=body_part)
-        moving_range = intensity_range(moving_on_grid, moving.modality, moving.units, cfg.fusion, body_part=body_part)
+        moving_range = intensity_range(moving_on_grid, moving.modality, moving.units, cfg.fusion, body_part=body_part,
+                                       inside=fov)
+        fov = fov if inputs.method == CHROMA else None  # only chroma reads it from here on
         coloured = moving.modality in FUNCTIONAL and inputs.method != CHROMA  # chroma brings its own colours
         colormap = cfg.fusion.colormap if coloured else None
         batch, slabs = slab_bounds(fixed_arr.shape[0], cfg.processing.slab_slices, cfg.fusion.batch_size)

@@ -2,12 +2,15 @@
 
 One bar, at one place, for the whole series (the scale is the series' fixed display range). It
 goes into the widest margin that holds no body pixel on any slice, 1 px clear of the body and of
-the image edge; ticks are labelled when the margin has room for the text, else drawn alone.
-Where no margin is at least ``MIN_MARGIN_PX`` wide the bar is left out and the caller says so.
+the image edge; ticks are labelled when the margin has room for the text, else drawn alone, with
+neighbouring labels at least a label apart. Marks carry a 1-px black halo, so a table or tube in
+the margin cannot run into them. Where no margin is at least ``MIN_MARGIN_PX`` wide the bar is left
+out and the caller says so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,9 @@ import numpy as np
 from dicomnode.domain import CHROMA
 
 MIN_MARGIN_PX = 3
+# Below this size the scalable font's digits are 5 px tall and blur into each other (its "16.7" read
+# "10.7" on a 143 px CT): Pillow's bitmap font, drawn for small pixel sizes (7 px digits), is used instead.
+SCALABLE_FONT_MIN_PX = 10
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,37 @@ def tick_labels(ticks: list[float]) -> list[str]:
     return [f"{round(t, decimals):g}" for t in ticks]
 
 
+def fit_ticks(low: float, high: float, length: int, along: Callable[[str], int]) -> list[float]:
+    """The ticks to label on a bar ``length`` px long: as many as leave the wider of two neighbouring
+    labels' size free between them (labels are centred on their ticks; ``along(text)``: a label's size
+    in px along the bar). An inner tick crowding an end goes first, then fewer ticks are tried.
+    """
+    span = max(high - low, 1e-12)
+
+    def crowded(ticks: list[float], i: int) -> bool:  # labels i and i + 1
+        a, b = (along(t) for t in tick_labels(ticks)[i:i + 2])
+        return (ticks[i + 1] - ticks[i]) / span * (length - 1) - (a + b) / 2 < max(a, b)
+
+    for count in (4, 3, 2, 1):
+        ticks = nice_ticks(low, high, count)
+        while len(ticks) > 2 and crowded(ticks, len(ticks) - 2):  # an irregular end value ("1038")
+            del ticks[-2]
+        while len(ticks) > 2 and crowded(ticks, 0):
+            del ticks[1]
+        if not any(crowded(ticks, i) for i in range(len(ticks) - 1)):
+            return ticks
+    return [float(low), float(high)]
+
+
 def _font(size: int):
     from PIL import ImageFont
 
+    if size < SCALABLE_FONT_MIN_PX:
+        return ImageFont.load_default_imagefont()
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default_imagefont()
 
 
 def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarray, low: float, high: float,
@@ -87,24 +117,28 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
     thick = int(np.clip(usable // 3, 1, max(2, (cols if vertical else rows) // 24)))
     font = _font(max(7, min(rows, cols) // 28))
     draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    for count in (4, 3, 2, 1):  # fewer ticks until their labels do not touch along the bar
-        ticks = nice_ticks(low, high, count)
-        texts = tick_labels(ticks)
-        sizes = [draw_probe.textbbox((0, 0), t, font=font) for t in texts]
-        text_w = max(b[2] - b[0] for b in sizes)
-        text_h = max(b[3] - b[1] for b in sizes)
-        # Neighbouring labels are centred on their ticks: they need half of each one's extent apart.
-        extent = [(b[3] - b[1]) if vertical else (b[2] - b[0]) for b in sizes]
-        gaps = [(t1 - t0) / max(high - low, 1e-12) * (length - 1) - (e0 + e1) / 2
-                for t0, t1, e0, e1 in zip(ticks, ticks[1:], extent, extent[1:])]
-        if min(gaps, default=0.0) >= 3:
-            break
+
+    def along(text: str) -> int:  # a label's size along the bar
+        box = _box(draw_probe, text, font)
+        return box[3] - box[1] if vertical else box[2] - box[0]
+
+    # A horizontal bar and its unit, written before the low end, are centred together: the unit never
+    # runs into the bar ("counts" is wider than the 15 % of the edge left of a centred bar).
+    lead = along(unit) + 3 if unit and not vertical else 0
+    if lead and cols - 2 - lead < length // 2:  # no room: the unit is left to the SeriesDescription
+        unit, lead = "", 0
+    length = min(length, cols - 2 - lead)
+    start = (cols - lead - length) // 2 + lead if lead else (rows if vertical else cols) // 2 - length // 2
+    ticks = fit_ticks(low, high, length, along)
+    texts = tick_labels(ticks)
+    sizes = [_box(draw_probe, t, font) for t in texts]
+    text_w = max(b[2] - b[0] for b in sizes)
+    text_h = max(b[3] - b[1] for b in sizes)
     labelled = usable >= thick + 4 + (text_w if vertical else text_h)
     layer = Image.new("RGB", (cols, rows))
     mask = Image.new("L", (cols, rows))
     draw, mdraw = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
     ramp = (np.clip(colours, 0, 1) * 255 + 0.5).astype(np.uint8)
-    start = (rows if vertical else cols) // 2 - length // 2
     if vertical:
         c0 = cols - 1 - thick if side == "right" else 1
         r_box = (start, c0, start + length, c0 + thick)
@@ -145,18 +179,29 @@ def render_bar(shape: tuple[int, int], footprint: np.ndarray, colours: np.ndarra
                 x = int(np.clip(col - w // 2, 0, cols - w))
                 _text(draw, mdraw, (x - bbox[0], y - bbox[1]), text, font)
     if labelled and unit:  # the unit before the low end (horizontal) or above the high end (vertical)
-        ub = draw_probe.textbbox((0, 0), unit, font=font)
+        ub = _box(draw_probe, unit, font)
         uw, uh = ub[2] - ub[0], ub[3] - ub[1]
         if vertical:
             x = r_box[1] + thick // 2 - uw // 2 if side == "left" else r_box[3] - uw
             xy = (int(np.clip(x, 0, cols - uw)), max(0, start - uh - 3))
         else:
-            xy = (max(0, start - uw - 3), int(np.clip((r_box[0] + r_box[2]) // 2 - uh // 2, 0, rows - uh)))
+            xy = (start - lead, int(np.clip((r_box[0] + r_box[2]) // 2 - uh // 2, 0, rows - uh)))
         _text(draw, mdraw, (xy[0] - ub[0], xy[1] - ub[1]), unit, font)
-    bar = np.asarray(layer, dtype=np.uint8)
-    keep = np.asarray(mask, dtype=np.uint8) > 0
+    bar = np.array(layer, dtype=np.uint8)
+    drawn = np.asarray(mask, dtype=np.uint8) > 0
+    keep = _grow(drawn)  # a 1-px black halo: labels stay legible over a bright table or tube in the margin
+    bar[keep & ~drawn] = 0
     keep &= ~_grow(footprint)  # never over the body, whatever the font did
     return bar, keep.astype(np.uint8), BarPlacement(side, r_box, labelled)
+
+
+def _box(draw, text: str, font) -> tuple[int, int, int, int]:
+    """The ink box of ``text`` drawn at (0, 0): a bitmap font's own box is its whole cell, blank rows included."""
+    from PIL import ImageFont
+
+    box = draw.textbbox((0, 0), text, font=font)
+    ink = font.getmask(text).getbbox() if isinstance(font, ImageFont.ImageFont) else None
+    return (box[0] + ink[0], box[1] + ink[1], box[0] + ink[2], box[1] + ink[3]) if ink else box
 
 
 def _text(draw, mdraw, xy, text, font) -> None:

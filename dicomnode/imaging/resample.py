@@ -56,6 +56,11 @@ class OnFixedGrid:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole grid at once (``np.asarray(grid)``), for tools and tests; never element by element."""
+        whole = self[0:self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
+
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):
             start, stop, step = key.indices(self.shape[0])

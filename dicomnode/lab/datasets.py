@@ -83,7 +83,7 @@ def load_volume_case(folder: Path, min_foreground: float = 0.05) -> list[PairSam
     ct = read("CT")
     if ct is None:
         return []
-    cfg = FusionConfig()
+    cfg = FusionConfig(pet_suv_max=10.0)  # the network's training scale, as its model card states
     arrays = {"CT": prepare_intensities(sitk.GetArrayFromImage(ct), "CT", None, cfg)}
     for mod, name, units in (("MR", "MR_T1", None), ("PT", "PET", "GML")):
         image = read(name)

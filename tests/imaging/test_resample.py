@@ -95,3 +95,20 @@ def test_each_read_runs_in_the_given_stage(pair):
     grid[0:4]
     grid[[1, 2]]
     assert len(entered) == 3
+
+
+def test_a_grid_read_as_one_array_is_the_whole_resample_in_one_read(pair):
+    fixed, moving = pair
+    reads = []
+
+    class Stage:
+        def __enter__(self):
+            reads.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    whole = np.asarray(moving_on_fixed(fixed, moving, stage=Stage))
+    assert np.array_equal(whole, resample_onto(fixed, moving)) and len(reads) == 1
+    fov = np.asarray(field_of_view(fixed, moving))
+    assert fov.dtype == bool and fov.shape == whole.shape

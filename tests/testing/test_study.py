@@ -10,7 +10,14 @@ import pydicom
 import pytest
 
 from dicomnode.dicomio.validate import validate_dataset
-from dicomnode.testing.study import PhantomSpec, synthetic_datasets, write_synthetic_study
+from dicomnode.testing.study import (
+    TISSUE_HU,
+    TISSUES,
+    PhantomSpec,
+    synthetic_datasets,
+    tissue_labels,
+    write_synthetic_study,
+)
 from tests.conftest import require_tool
 
 SMALL = (12, 32, 32)
@@ -91,6 +98,28 @@ def test_ct_is_in_hounsfield_units(study):
     assert float(hu.min()) == pytest.approx(-1000, abs=40)
     assert float(np.median(hu[(hu > -200) & (hu < 200)])) == pytest.approx(40, abs=25)
     assert (hu > 500).any(), "the spine is bone"
+
+
+def test_tissue_labels_are_the_ct_s_tissues():
+    ct = synthetic_datasets(modalities=("CT",), shape=SMALL, seed=1, spec=PhantomSpec(ct_noise_hu=0.0))["CT"]
+    hu = np.stack([ds.pixel_array.astype(float) + float(ds.RescaleIntercept) for ds in ct])
+    labels = tissue_labels(SMALL)
+    for index, name in enumerate(TISSUES):
+        if (labels == index).any():
+            assert set(np.unique(hu[labels == index])) == {TISSUE_HU[name]}, name
+    assert len(np.unique(labels)) >= 6
+
+
+@pytest.mark.parametrize("noise_hu", [PhantomSpec().ct_noise_hu, 8.0])
+def test_ct_noise_is_the_spec_s(noise_hu):
+    ct = synthetic_datasets(modalities=("CT",), shape=SMALL, seed=2, spec=PhantomSpec(ct_noise_hu=noise_hu))["CT"]
+    hu = np.stack([ds.pixel_array.astype(float) + float(ds.RescaleIntercept) for ds in ct])
+    labels = tissue_labels(SMALL)
+    painted = np.array([TISSUE_HU[name] for name in TISSUES])[labels]
+    residual = (hu - painted)[labels > 0]  # in the body: air's noise is clipped at the stored minimum
+    assert residual.size > 3000
+    assert abs(float(residual.mean())) < 1.0
+    assert float(residual.std()) == pytest.approx(noise_hu, rel=0.05)
 
 
 def test_pixels_follow_the_seed_and_uids_are_fresh():
