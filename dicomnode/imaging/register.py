@@ -208,18 +208,25 @@ class _Engine:
             self._levels[mm] = _Level(mm, f, level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
-    def _metric(self, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
-        """A registration method with our metric (Mattes MI inside ``mask``), interpolator and threads."""
+    def _metric(self, mask: sitk.Image, threaded: bool = False) -> sitk.ImageRegistrationMethod:
+        """A registration method with our metric (Mattes MI inside ``mask``) and interpolator.
+
+        Not ``threaded``: one work unit. ITK adds each thread's share of the Mattes MI gradient into one
+        buffer in whatever order the threads take a lock, so a threaded run differs in the last digits
+        from process to process, and the linear stages' line searches turn that into different optima
+        (4e-5 of MI, 0.09 mm at the end of the chain). On one work unit they are bit-identical.
+        """
         r = sitk.ImageRegistrationMethod()
         r.SetMetricAsMattesMutualInformation(self.cfg.histogram_bins)
         r.SetMetricFixedMask(mask)
         r.SetInterpolator(sitk.sitkLinear)
-        if self.cfg.threads:
-            r.SetNumberOfThreads(self.cfg.threads)
+        threads = (self.cfg.threads or sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) if threaded else 1
+        r.SetNumberOfThreads(threads)
+        r.SetNumberOfWorkUnits(threads)
         return r
 
-    def _method(self, level: _Level, samples: int, seed: int) -> sitk.ImageRegistrationMethod:
-        r = self._metric(level.mask)
+    def _method(self, level: _Level, samples: int, seed: int, threaded: bool = False) -> sitk.ImageRegistrationMethod:
+        r = self._metric(level.mask, threaded)
         r.SetMetricSamplingStrategy(r.RANDOM)
         r.SetMetricSamplingPercentage(min(1.0, samples / max(1, level.mask_voxels)), seed)
         return r
@@ -227,7 +234,7 @@ class _Engine:
     def heldout(self, transform: sitk.Transform) -> float:
         """Mattes MI of ``transform`` on the held-out voxels; +inf when too few of them overlap."""
         lv = self.eval_level
-        r = self._metric(lv.heldout)
+        r = self._metric(lv.heldout, threaded=True)  # a value alone: each work unit's histogram, summed in order
         # Every held-out voxel (MetricEvaluate ignores a sampling strategy: the mask is the sample).
         r.SetMetricSamplingStrategy(r.NONE)
         r.SetMovingInitialTransform(transform)
@@ -267,7 +274,8 @@ class _Engine:
     def _level_method(self, stage: str, lv: _Level, seed: int, n_iter: int) -> sitk.ImageRegistrationMethod:
         cfg = self.cfg
         deformable = stage == "deformable"
-        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed)
+        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed,
+                         threaded=deformable)
         if deformable:
             r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
                                    maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
