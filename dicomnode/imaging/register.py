@@ -43,6 +43,8 @@ class StageReport:
     seconds: float
     note: str = ""
     levels_mm: tuple[float, ...] = ()  # pyramid voxel sizes this stage ran at
+    samples: int = 0  # metric samples per level (the optimiser's; 0: not run)
+    cpu_seconds: float = 0.0  # the process's CPU time during the stage, all threads
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Registration:
     initialization: str = ""  # "identity", "geometry" or "moments" (the start the rigid stage used)
     seconds: float = 0.0  # wall time of the whole registration
     modalities: tuple[str, str] = ("", "")  # (fixed, moving) as the stages saw them; "" = unknown
+    # The whole mapping each stage that ran but was not kept proposed (benchmarks score what was refused).
+    rejected: dict[str, sitk.Transform] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -366,7 +370,7 @@ class _Engine:
                               modalities=(self.fixed_modality, self.moving_modality))
         bspline: sitk.Transform | None = None
         for stage in self.cfg.stages:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if stage == "deformable" and self.deformable_skip:
                 result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
                                                  self.deformable_skip))
@@ -388,11 +392,15 @@ class _Engine:
             kept = after < current_metric - self.cfg.min_improvement * abs(current_metric)
             if not kept and "optimiser error" not in note:
                 note = "; ".join(n for n in ("no held-out improvement; previous transform kept", note) if n)
+            samples = self.cfg.deformable_samples_per_level if stage == "deformable" else self.cfg.samples_per_level
             report = StageReport(stage, current_metric, after, kept, iterations, time.perf_counter() - t0, note,
-                                 self._stage_levels(stage))
+                                 self._stage_levels(stage), samples, time.process_time() - c0)
             result.stages.append(report)
             event(log, "registration_stage", stage=stage, kept=kept, metric_before=round(report.metric_before, 4),
-                  metric_after=round(report.metric_after, 4), iterations=iterations, seconds=round(report.seconds, 1))
+                  metric_after=round(report.metric_after, 4), iterations=iterations, samples=samples,
+                  seconds=round(report.seconds, 1), cpu_seconds=round(report.cpu_seconds, 1))
+            if not kept and full is not None:
+                result.rejected[stage] = full
             if kept:
                 current_metric = after
                 if stage == "deformable":
