@@ -172,8 +172,13 @@ class _Engine:
         self.fixed_modality, self.moving_modality = modality(fixed_vol), modality(moving_vol)
         self.same_frame = bool(fixed_vol.frame_of_reference_uid) and \
             fixed_vol.frame_of_reference_uid == moving_vol.frame_of_reference_uid
-        # No level finer than the moving voxels (geometric mean): PET at 1 mm is wasted work.
+        # The deformable stage (and an anatomical pair's every stage) runs no finer than the moving voxels
+        # (geometric mean). A functional image's rigid and affine stages go below its voxels: the fixed
+        # image keeps its edges, the blurred moving image is interpolated, and the samples cost the same.
+        # Coarse PET-like affines ended 0.10-0.13 mm from the best affine fit that way, 0.07-0.36 mm at
+        # the PET voxels (docs/benchmarks.md).
         self.floor_mm = float(np.prod(moving.GetSpacing()) ** (1 / 3))
+        self.functional = self.moving_modality in FUNCTIONAL
         self._levels: dict[float, _Level] = {}
         used = [lv for st in config.stages for lv in self._stage_levels(st)]
         self.eval_level = self.level(min(used), heldout=True)
@@ -194,9 +199,10 @@ class _Engine:
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
         raw = getattr(self.cfg, f"{stage}_levels_mm")
+        floor = 0.0 if self.functional and stage != "deformable" else self.floor_mm
         out: list[float] = []
         for mm in raw:
-            mm = round(max(mm, self.floor_mm), 3)
+            mm = round(max(mm, floor), 3)
             if mm not in out:
                 out.append(mm)
         return tuple(out)
@@ -324,8 +330,10 @@ class _Engine:
                     notes.append(f"optimiser stopped early at {mm:g} mm even after a restart: {done} of {budget} "
                                  f"iterations ({stop.split(':')[-1].strip()})")
             iterations += done
-        # A following B-spline absorbs the affine residual: the polish is only worth its time without one.
-        if stage == "affine" and cfg.affine_polish_iterations and self.deformable_skip:
+        # A following B-spline absorbs an anatomical pair's affine residual: there the polish is only worth
+        # its time without one. A functional pair's deformable stage may be refused: its affine is polished.
+        polish = self.deformable_skip or self.functional
+        if stage == "affine" and cfg.affine_polish_iterations and polish:
             iterations += self._polish(tx, self._stage_levels(stage)[-1])
         return iterations, notes
 
