@@ -93,8 +93,8 @@ def run_ours(case: RegistrationCase, config: RegistrationConfig | None = None,
     return rows
 
 
-BREAKDOWN_HEAD = ["| case | stage | levels (mm) | samples per level | iterations | seconds | CPU seconds | load before / after |",
-                  "|---|---|---|---|---|---|---|---|"]
+BREAKDOWN_HEAD = ["| case | stage | levels (mm) | samples per level | iterations | seconds | CPU seconds | "
+                  "load before / after |", "|---|---|---|---|---|---|---|---|"]
 
 
 def _breakdown(label: str, result: Registration, cpu: float, load_before: float) -> list[str]:

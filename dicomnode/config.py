@@ -166,7 +166,7 @@ class RegistrationConfig(_Section):
     # (192x192x128 brain cases), at 1.5 mm with the 30 mm grid below 0.82-1.03 mm (mean 0.94, 10 cases).
     deformable_levels_mm: tuple[float, ...] = (1.5,)
     # Random metric samples per pyramid level (cost is per sample, not per voxel). Rigid and affine:
-    # 12000; on one thread 20000 cost ~40 % more CPU for the same affine TRE (10 CT/MR cases).
+    # 12000; on one thread 20000 cost ~40 % more CPU for the same affine TRE (6 CT/MR cases).
     samples_per_level: int = Field(12000, ge=1000)
     deformable_samples_per_level: int = Field(20000, ge=1000)
     # Optimiser iterations per pyramid level (rigid/affine: conjugate gradient; deformable: L-BFGS-B).

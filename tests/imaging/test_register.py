@@ -320,7 +320,7 @@ print(json.dumps({"linear": list(r.transform.GetNthTransform(0).GetParameters())
 
 
 def test_two_processes_give_the_same_answer():
-    # Threaded Mattes MI adds its gradient in the order threads take a lock: the linear stages ran on
+    # Threaded Mattes MI adds its gradient in the order threads take a lock: the linear stages run on
     # one work unit so that two processes agree bit for bit (they differed from the 7th digit before);
     # the deformable stage stays threaded (its time matters), so its result is compared within 0.01 mm.
     import json
