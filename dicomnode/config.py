@@ -165,8 +165,9 @@ class RegistrationConfig(_Section):
     # Deformable: one level finer than the affine's; at 2 mm MR <- CT-like stayed at 1.5-1.8 mm TRE
     # (192x192x128 brain cases), at 1.5 mm with the 30 mm grid below 0.82-1.03 mm (mean 0.94, 10 cases).
     deformable_levels_mm: tuple[float, ...] = (1.5,)
-    # Random metric samples per pyramid level (cost is per sample, not per voxel).
-    samples_per_level: int = Field(20000, ge=1000)
+    # Random metric samples per pyramid level (cost is per sample, not per voxel). Rigid and affine:
+    # 12000; on one thread 20000 cost ~40 % more CPU for the same affine TRE (6 CT/MR cases).
+    samples_per_level: int = Field(12000, ge=1000)
     deformable_samples_per_level: int = Field(20000, ge=1000)
     # Optimiser iterations per pyramid level (rigid/affine: conjugate gradient; deformable: L-BFGS-B).
     rigid_iterations: int = Field(100, ge=1)
@@ -182,13 +183,15 @@ class RegistrationConfig(_Section):
     # leaves 0.43 mm mean TRE, a 30 mm grid 0.19 mm, and it converged further in the same iterations.
     bspline_spacing_mm: float = Field(30.0, gt=0)
     # The deformable stage runs only when both the fixed and the moving modality are listed ("" = files
-    # without a DICOM modality). Anatomical pairs by default: on generated brain cases it lowers MR<-CT
-    # and CT<-MR errors below the best affine fit, while PET's blur and noise let MI pull the B-spline
-    # away from the true mapping (docs/benchmarks.md).
-    deformable_modalities: tuple[str, ...] = ("CT", "MR")
+    # without a DICOM modality). On generated brain cases it lowers MR<-CT and CT<-MR errors below the
+    # best affine fit, and PET-like ones at 2 mm voxels too (1.2-1.3 mm against an affine 2.1-2.2); NM
+    # is unmeasured (docs/benchmarks.md).
+    deformable_modalities: tuple[str, ...] = ("CT", "MR", "PT")
     # The deformable stage runs only when its finest level (never finer than the moving voxels) is at
-    # most this (mm): on ~2.5-3 mm images it did not beat the affine stage, and MI cannot tell.
-    deformable_max_level_mm: float = Field(2.0, gt=0)
+    # most this (mm). Coarser, it did not beat the affine stage (CT/MR at 2.5-3 mm; every PET-like case
+    # at 3 and 4 mm, with coarser grids, matched blur or a 4 -> 2 mm pyramid too), and held-out MI kept
+    # those warps all the same. 2.1: "2 mm" scanner grids are 2.0-2.1 mm.
+    deformable_max_level_mm: float = Field(2.1, gt=0)
     # Bound on each B-spline coefficient (mm): MI rewards wild warps of flat regions otherwise.
     bspline_max_displacement_mm: float = Field(6.0, gt=0)
     # Held-out check: samples, and the least relative metric gain for a stage to be kept.
@@ -205,11 +208,12 @@ class RegistrationConfig(_Section):
     # Deformable Spatial Registration object: the B-spline's offsets sampled this far apart (mm, never
     # finer than the fixed voxels); 3 mm keeps linear interpolation of a 30 mm grid well under 0.1 mm.
     dicom_grid_mm: float = Field(3.0, gt=0)
-    # Worker threads for SimpleITK; 0 = all cores.
+    # SimpleITK threads of the deformable stage and the held-out checks; 0 = all cores. The rigid and
+    # affine stages run on one thread: ITK sums a threaded Mattes MI gradient in the order the threads
+    # take a lock, and the line searches turned that 1e-16 noise into different optima (4e-5 of MI,
+    # 0.09 mm TRE apart between two processes). The held-out value sums per thread in a fixed order.
     threads: int = Field(0, ge=0)
-    # Seed of every metric sampler (any value, 0 included: never SimpleITK's wall clock). Metric sums
-    # still differ in the last digits between processes (~1e-11 in MI), even with threads = 1; two runs
-    # of a benchmark case ended within 0.09 mm (docs/benchmarks.md).
+    # Seed of every metric sampler (any value, 0 included: never SimpleITK's wall clock).
     seed: int = 1
 
     @field_validator("ct_window_hu", "ct_window_percentiles")

@@ -28,6 +28,19 @@ def test_write_docs_keeps_hand_written_text(tmp_path):
     assert fresh.read_text().count("## Registration") == 1 and "first table" in fresh.read_text()
 
 
+def test_pet_table_has_its_own_block(tmp_path):
+    bench = _load()
+    doc = tmp_path / "benchmarks.md"
+    pet_start, pet_end = bench.PET
+    doc.write_text(f"## Registration\n\n{bench.START}\nmain table\n{bench.END}\n\nanalysis\n\n"
+                   f"{pet_start}\nold pet\n{pet_end}\n\nmore analysis\n")
+    bench._write_docs(doc, "new pet", *bench.PET)
+    text = doc.read_text()
+    assert "new pet" in text and "old pet" not in text
+    for kept in ("main table", "analysis", "more analysis"):
+        assert kept in text
+
+
 def test_whole_body_write_docs_keeps_hand_written_text(tmp_path):
     import pytest
 

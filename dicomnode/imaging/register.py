@@ -43,6 +43,8 @@ class StageReport:
     seconds: float
     note: str = ""
     levels_mm: tuple[float, ...] = ()  # pyramid voxel sizes this stage ran at
+    samples: int = 0  # metric samples per level (the optimiser's; 0: not run)
+    cpu_seconds: float = 0.0  # the process's CPU time during the stage, all threads
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Registration:
     initialization: str = ""  # "identity", "geometry" or "moments" (the start the rigid stage used)
     seconds: float = 0.0  # wall time of the whole registration
     modalities: tuple[str, str] = ("", "")  # (fixed, moving) as the stages saw them; "" = unknown
+    # The whole mapping each stage that ran but was not kept proposed (benchmarks score what was refused).
+    rejected: dict[str, sitk.Transform] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -168,8 +172,13 @@ class _Engine:
         self.fixed_modality, self.moving_modality = modality(fixed_vol), modality(moving_vol)
         self.same_frame = bool(fixed_vol.frame_of_reference_uid) and \
             fixed_vol.frame_of_reference_uid == moving_vol.frame_of_reference_uid
-        # No level finer than the moving voxels (geometric mean): PET at 1 mm is wasted work.
+        # The deformable stage (and an anatomical pair's every stage) runs no finer than the moving voxels
+        # (geometric mean). A functional image's rigid and affine stages go below its voxels: the fixed
+        # image keeps its edges, the blurred moving image is interpolated, and the samples cost the same.
+        # Coarse PET-like affines ended 0.10-0.13 mm from the best affine fit that way, 0.07-0.36 mm at
+        # the PET voxels (docs/benchmarks.md).
         self.floor_mm = float(np.prod(moving.GetSpacing()) ** (1 / 3))
+        self.functional = self.moving_modality in FUNCTIONAL
         self._levels: dict[float, _Level] = {}
         used = [lv for st in config.stages for lv in self._stage_levels(st)]
         self.eval_level = self.level(min(used), heldout=True)
@@ -190,9 +199,10 @@ class _Engine:
 
     def _stage_levels(self, stage: str) -> tuple[float, ...]:
         raw = getattr(self.cfg, f"{stage}_levels_mm")
+        floor = 0.0 if self.functional and stage != "deformable" else self.floor_mm
         out: list[float] = []
         for mm in raw:
-            mm = round(max(mm, self.floor_mm), 3)
+            mm = round(max(mm, floor), 3)
             if mm not in out:
                 out.append(mm)
         return tuple(out)
@@ -208,18 +218,25 @@ class _Engine:
             self._levels[mm] = _Level(mm, f, level_image(self.moving, mm), mask, count, body, held)
         return self._levels[mm]
 
-    def _metric(self, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
-        """A registration method with our metric (Mattes MI inside ``mask``), interpolator and threads."""
+    def _metric(self, mask: sitk.Image, threaded: bool = False) -> sitk.ImageRegistrationMethod:
+        """A registration method with our metric (Mattes MI inside ``mask``) and interpolator.
+
+        Not ``threaded``: one work unit. ITK adds each thread's share of the Mattes MI gradient into one
+        buffer in whatever order the threads take a lock, so a threaded run differs in the last digits
+        from process to process, and the linear stages' line searches turn that into different optima
+        (4e-5 of MI, 0.09 mm at the end of the chain). On one work unit they are bit-identical.
+        """
         r = sitk.ImageRegistrationMethod()
         r.SetMetricAsMattesMutualInformation(self.cfg.histogram_bins)
         r.SetMetricFixedMask(mask)
         r.SetInterpolator(sitk.sitkLinear)
-        if self.cfg.threads:
-            r.SetNumberOfThreads(self.cfg.threads)
+        threads = (self.cfg.threads or sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) if threaded else 1
+        r.SetNumberOfThreads(threads)
+        r.SetNumberOfWorkUnits(threads)
         return r
 
-    def _method(self, level: _Level, samples: int, seed: int) -> sitk.ImageRegistrationMethod:
-        r = self._metric(level.mask)
+    def _method(self, level: _Level, samples: int, seed: int, threaded: bool = False) -> sitk.ImageRegistrationMethod:
+        r = self._metric(level.mask, threaded)
         r.SetMetricSamplingStrategy(r.RANDOM)
         r.SetMetricSamplingPercentage(min(1.0, samples / max(1, level.mask_voxels)), seed)
         return r
@@ -227,7 +244,7 @@ class _Engine:
     def heldout(self, transform: sitk.Transform) -> float:
         """Mattes MI of ``transform`` on the held-out voxels; +inf when too few of them overlap."""
         lv = self.eval_level
-        r = self._metric(lv.heldout)
+        r = self._metric(lv.heldout, threaded=True)  # a value alone: each work unit's histogram, summed in order
         # Every held-out voxel (MetricEvaluate ignores a sampling strategy: the mask is the sample).
         r.SetMetricSamplingStrategy(r.NONE)
         r.SetMovingInitialTransform(transform)
@@ -267,7 +284,8 @@ class _Engine:
     def _level_method(self, stage: str, lv: _Level, seed: int, n_iter: int) -> sitk.ImageRegistrationMethod:
         cfg = self.cfg
         deformable = stage == "deformable"
-        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed)
+        r = self._method(lv, cfg.deformable_samples_per_level if deformable else cfg.samples_per_level, seed,
+                         threaded=deformable)
         if deformable:
             r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_iter,
                                    maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * n_iter,
@@ -312,8 +330,10 @@ class _Engine:
                     notes.append(f"optimiser stopped early at {mm:g} mm even after a restart: {done} of {budget} "
                                  f"iterations ({stop.split(':')[-1].strip()})")
             iterations += done
-        # A following B-spline absorbs the affine residual: the polish is only worth its time without one.
-        if stage == "affine" and cfg.affine_polish_iterations and self.deformable_skip:
+        # A following B-spline absorbs an anatomical pair's affine residual: there the polish is only worth
+        # its time without one. A functional pair's deformable stage may be refused: its affine is polished.
+        polish = self.deformable_skip or self.functional
+        if stage == "affine" and cfg.affine_polish_iterations and polish:
             iterations += self._polish(tx, self._stage_levels(stage)[-1])
         return iterations, notes
 
@@ -358,7 +378,7 @@ class _Engine:
                               modalities=(self.fixed_modality, self.moving_modality))
         bspline: sitk.Transform | None = None
         for stage in self.cfg.stages:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if stage == "deformable" and self.deformable_skip:
                 result.stages.append(StageReport(stage, current_metric, current_metric, False, 0, 0.0,
                                                  self.deformable_skip))
@@ -380,11 +400,15 @@ class _Engine:
             kept = after < current_metric - self.cfg.min_improvement * abs(current_metric)
             if not kept and "optimiser error" not in note:
                 note = "; ".join(n for n in ("no held-out improvement; previous transform kept", note) if n)
+            samples = self.cfg.deformable_samples_per_level if stage == "deformable" else self.cfg.samples_per_level
             report = StageReport(stage, current_metric, after, kept, iterations, time.perf_counter() - t0, note,
-                                 self._stage_levels(stage))
+                                 self._stage_levels(stage), samples, time.process_time() - c0)
             result.stages.append(report)
             event(log, "registration_stage", stage=stage, kept=kept, metric_before=round(report.metric_before, 4),
-                  metric_after=round(report.metric_after, 4), iterations=iterations, seconds=round(report.seconds, 1))
+                  metric_after=round(report.metric_after, 4), iterations=iterations, samples=samples,
+                  seconds=round(report.seconds, 1), cpu_seconds=round(report.cpu_seconds, 1))
+            if not kept and full is not None:
+                result.rejected[stage] = full
             if kept:
                 current_metric = after
                 if stage == "deformable":

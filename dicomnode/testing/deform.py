@@ -20,6 +20,9 @@ from pydicom.uid import generate_uid
 from dicomnode.imaging.volume import Volume
 
 
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))  # a Gaussian's full width at half maximum, in sigmas
+
+
 @dataclass
 class Sources:
     """Aligned images in one LPS space: T1-like, CT-like (HU), PET-like (SUV), body and structure masks."""
@@ -181,10 +184,12 @@ def _volume(image: sitk.Image, modality: str, units: str) -> Volume:
 
 def make_case(sources: Sources, moving: str = "CT", fixed_size=(96, 96, 64), moving_spacing_mm: float | None = None,
               deformation_mm: float = 4.0, seed: int = 0, n_points: int = 4000, name: str = "",
-              fixed_modality: str = "MR") -> RegistrationCase:
+              fixed_modality: str = "MR", pet_fwhm_mm: float | None = None) -> RegistrationCase:
     """Fixed MR = T1 warped by a known G; moving CT-like ("CT") or PET-like ("PT": blurred, coarse, noisy).
 
     ``fixed_modality="CT"`` swaps the roles: fixed CT-like = CT warped by G, moving ``"MR"`` = T1 unwarped.
+    PET-like: ``moving_spacing_mm`` voxels (default 4), Gaussian blur of ``pet_fwhm_mm`` FWHM (default
+    sigma 2.5 mm, ~5.9 mm FWHM: the scanner's resolution).
     """
     rng = np.random.default_rng(seed + 1)
     fixed_grid = _grid(sources.t1, fixed_size)
@@ -206,7 +211,8 @@ def make_case(sources: Sources, moving: str = "CT", fixed_size=(96, 96, 64), mov
         moving_vol = _volume(mov + _noise(mov, rng, 0.02 * peak), "MR", "")
     elif moving == "PT":
         spacing = moving_spacing_mm or 4.0
-        blurred = sitk.SmoothingRecursiveGaussian(sources.pet, 2.5)  # ~6 mm FWHM scanner resolution
+        sigma = 2.5 if pet_fwhm_mm is None else pet_fwhm_mm / FWHM_PER_SIGMA
+        blurred = sitk.SmoothingRecursiveGaussian(sources.pet, sigma)
         size = tuple(max(8, int(round(n * s / spacing))) for n, s in zip(sources.pet.GetSize(), sources.pet.GetSpacing()))
         grid = _grid(sources.pet, size)
         mov = sitk.Resample(blurred, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -89,6 +89,9 @@ def test_pet_case_tre_bounds_and_outputs(pet_case):
     assert ours.mean_mm < 0.6 * start.mean_mm and ours.p95_mm < start.p95_mm and ours.dice > start.dice
     assert result.stages[0].kept and result.stages[0].metric_after < result.stages[0].metric_before
     assert all(s.seconds > 0 and s.iterations >= 0 for s in result.stages)
+    # A PET's rigid and affine stages run below its voxels; its deformable stage does not.
+    voxel = float(np.prod(pet_case.moving.image.GetSpacing()) ** (1 / 3))
+    assert result.stages[1].levels_mm[-1] < voxel <= result.stages[2].levels_mm[-1] + 1e-3
     if result.displacement_mm is not None:
         assert result.displacement_mm.GetSize() == pet_case.fixed.image.GetSize()
         assert 0 < float(sitk.GetArrayViewFromImage(result.displacement_mm).max()) <= 3 * cfg.bspline_max_displacement_mm
@@ -140,7 +143,7 @@ def test_deformable_runs_only_for_configured_modality_pairs(phantom):
     assert "deformable_modalities" in deformable.note and "CT onto MR" in deformable.note
     assert result.displacement_mm is None
     assert score(case, result.transform).mean_mm < score(case, sitk.Transform(3, sitk.sitkIdentity)).mean_mm
-    assert RegistrationConfig().deformable_modalities == ("CT", "MR")
+    assert RegistrationConfig().deformable_modalities == ("CT", "MR", "PT")
 
 
 def test_ct_fixed_mr_moving_case_runs_the_deformable_stage(phantom):
@@ -167,16 +170,20 @@ def test_affine_polish_does_not_worsen_the_metric(pet_case):
     assert polished.metric_after <= plain.metric_after + 1e-4
 
 
-def test_affine_polish_only_without_a_following_deformable_stage(pet_case):
-    # The B-spline absorbs the affine residual, so the Powell sweeps' time goes to it instead.
-    def affine(**kw):
+def test_affine_polish_only_without_a_following_deformable_stage(phantom, pet_case):
+    # An anatomical pair's B-spline absorbs the affine residual, so the Powell sweeps' time goes to it
+    # instead; a functional pair's deformable stage may be refused, so its affine is always polished.
+    def affine(case, **kw):
         cfg = RegistrationConfig(**{**FAST, "affine_polish_iterations": 2, **kw})
-        return register_volumes(pet_case.fixed, pet_case.moving, cfg).stages[1]
+        return register_volumes(case.fixed, case.moving, cfg).stages[1]
 
-    alone = affine(stages=("rigid", "affine"))
-    chained = affine()  # the deformable stage runs for PT here (FAST lists it)
-    gated = affine(deformable_modalities=("CT", "MR"))  # listed, but will not run for PT: polish again
+    ct_case = make_case(phantom, "CT", fixed_size=(48, 56, 40), seed=5)
+    alone = affine(ct_case, stages=("rigid", "affine"))
+    chained = affine(ct_case)  # the deformable stage runs for CT onto MR
+    gated = affine(ct_case, deformable_modalities=("MR",))  # listed, but will not run for CT: polish again
     assert chained.iterations < alone.iterations and gated.iterations > chained.iterations
+    # PT: the same sweeps with or without a deformable stage after them (the stages are deterministic).
+    assert affine(pet_case).iterations == affine(pet_case, stages=("rigid", "affine")).iterations
 
 
 def test_ct_window_follows_the_soft_tissue_range():
@@ -296,6 +303,37 @@ def test_seed_zero_still_gives_repeatable_runs(pet_case):
     a, b = (np.array([r.transform.TransformPoint(tuple(float(v) for v in p)) for p in pet_case.points])
             for r in (first, second))
     assert float(np.linalg.norm(a - b, axis=1).max()) < 0.01
+
+
+_REPEAT_RUN = """
+import json
+from dicomnode.config import RegistrationConfig
+from dicomnode.imaging.register import register_volumes
+from dicomnode.testing.deform import make_case, phantom_sources, score
+case = make_case(phantom_sources(spacing_mm=2.5, seed=0), "CT", fixed_size=(56, 64, 48), deformation_mm=3.0, seed=2)
+cfg = RegistrationConfig(mode="always", samples_per_level=8000, deformable_samples_per_level=6000, heldout_samples=15000,
+                         deformable_iterations=10, deformable_max_level_mm=10.0)
+r = register_volumes(case.fixed, case.moving, cfg)
+print(json.dumps({"linear": list(r.transform.GetNthTransform(0).GetParameters()), "tre": score(case, r.transform).mean_mm,
+                  "stages": [[s.name, s.kept, s.metric_after] for s in r.stages]}))
+"""
+
+
+def test_two_processes_give_the_same_answer():
+    # Threaded Mattes MI adds its gradient in the order threads take a lock: the linear stages run on
+    # one work unit so that two processes agree bit for bit (they differed from the 7th digit before);
+    # the deformable stage stays threaded (its time matters), so its result is compared within 0.01 mm.
+    import json
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _REPEAT_RUN], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    first, second = (json.loads(p.communicate(timeout=600)[0]) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert [s[0] for s in first["stages"]] == ["rigid", "affine", "deformable"] and first["stages"][2][1]
+    assert first["linear"] == second["linear"]
+    assert first["stages"][:2] == second["stages"][:2]
+    assert abs(first["tre"] - second["tre"]) < 0.01
 
 
 def test_early_stop_rule():
