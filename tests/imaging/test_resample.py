@@ -80,35 +80,35 @@ def test_percentile_range_read_slab_by_slab_equals_the_whole_volume(pair):
     assert whole.kind == "percentile" and whole.high > whole.low > 0
 
 
+class CountingStage:
+    """A stage factory that counts the reads run in it."""
+
+    def __init__(self):
+        self.entered = 0
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.entered += 1
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_each_read_runs_in_the_given_stage(pair):
     fixed, moving = pair
-    entered = []
-
-    class Stage:
-        def __enter__(self):
-            entered.append(True)
-
-        def __exit__(self, *exc):
-            return False
-
-    grid = OnFixedGrid(fixed.image, moving.image, stage=Stage)
+    stage = CountingStage()
+    grid = OnFixedGrid(fixed.image, moving.image, stage=stage)
     grid[0:4]
     grid[[1, 2]]
-    assert len(entered) == 3
+    assert stage.entered == 3
 
 
 def test_a_grid_read_as_one_array_is_the_whole_resample_in_one_read(pair):
     fixed, moving = pair
-    reads = []
-
-    class Stage:
-        def __enter__(self):
-            reads.append(True)
-
-        def __exit__(self, *exc):
-            return False
-
-    whole = np.asarray(moving_on_fixed(fixed, moving, stage=Stage))
-    assert np.array_equal(whole, resample_onto(fixed, moving)) and len(reads) == 1
+    stage = CountingStage()
+    whole = np.asarray(moving_on_fixed(fixed, moving, stage=stage))
+    assert np.array_equal(whole, resample_onto(fixed, moving)) and stage.entered == 1
     fov = np.asarray(field_of_view(fixed, moving))
     assert fov.dtype == bool and fov.shape == whole.shape
