@@ -165,26 +165,6 @@ def scale_text(method: str, fusion_config, moving_modality: str, moving_range, f
             f"{fixed_modality} {fixed_range.kind} {fixed_range.describe()}; {where}")
 
 
-def in_body_scale(values, body, peak: float | None = None):
-    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale).
-
-    ``peak``: that maximum when ``values`` is one slab of the series (``in_body_peak`` of every slab).
-    """
-    import numpy as np
-
-    inside = np.where(body, values, 0.0).astype(np.float32)
-    if peak is None:
-        peak = in_body_peak(values, body)
-    return inside / peak if peak > 0 else inside
-
-
-def in_body_peak(values, body) -> float:
-    import numpy as np
-
-    inside = np.where(body, values, 0.0).astype(np.float32)
-    return float(inside.max()) if inside.size else 0.0
-
-
 def warm_up() -> None:
     """Import the imaging, fusion and encoding stacks (seconds on a cold start) before a job waits on them."""
     import highdicom  # noqa: F401

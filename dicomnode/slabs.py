@@ -144,13 +144,28 @@ def run_slabs(engine, fixed_arr, moving_arr, fov, body, fixed_range, moving_rang
     return out
 
 
+def in_body_scale(values, body, peak: float | None = None) -> np.ndarray:
+    """``values`` zeroed outside ``body`` and divided by their series maximum inside it (one scale).
+
+    ``peak``: that maximum when ``values`` is one slab of the series (``in_body_peak`` of every slab).
+    """
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    if peak is None:
+        peak = in_body_peak(values, body)
+    return inside / peak if peak > 0 else inside
+
+
+def in_body_peak(values, body) -> float:
+    inside = np.where(body, values, 0.0).astype(np.float32)
+    return float(inside.max()) if inside.size else 0.0
+
+
 def scaled_saliency(done: SlabPass, body, slabs) -> None:
     """series_scale, then in_body_scale, then quantise, slab by slab, into ``done.saliency`` (uint16
     on scratch): equal to the whole-series steps, and the body mask is not needed after it."""
     import torch
 
     from dicomnode.dicomio.parametric_map import quantise
-    from dicomnode.pipeline import in_body_peak, in_body_scale
 
     if done.peak is None:
         return
