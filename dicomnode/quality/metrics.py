@@ -54,6 +54,10 @@ class MetricOptions:
     round_luma: bool = True  # colour inputs: BT.601 luma rounded to 8 bits (as stored in YCbCr)
     mi_unit: str = "bits"  # "bits" or "nats" for MI
     ssim_combine: str = "mean"  # "mean" or "sum" of SSIM(A,F) and SSIM(B,F)
+    # "gaussian": 11x11 Gaussian window (Wang 2004); "skimage": scikit-image's defaults as CDDFuse's
+    # evaluator calls them on 0..255 floats (7x7 uniform window, data range 2: the range old releases
+    # assumed for float images, which makes the stabilising constants vanish).
+    ssim_window: str = "gaussian"
     psnr_peak: float | str = 255.0  # a number, or "max" for max(F)
     vif_combine: str = "sum"  # "sum" or "mean" of VIFp(A,F) and VIFp(B,F)
     vif_sigma_nsq: float = 2.0
@@ -65,6 +69,7 @@ class MetricOptions:
         checks = {
             "mi_unit": (self.mi_unit, ("bits", "nats")),
             "ssim_combine": (self.ssim_combine, ("mean", "sum")),
+            "ssim_window": (self.ssim_window, ("gaussian", "skimage")),
             "vif_combine": (self.vif_combine, ("mean", "sum")),
         }
         for key, (value, allowed) in checks.items():
@@ -76,10 +81,12 @@ class MetricOptions:
 
 # Named sets of MetricOptions, so tables compare with published ones. "dicomnode" is the default;
 # "cddfuse" is CDDFuse's (CVPR 2023) evaluation: MI in nats (sklearn's mutual_info_score on 8-bit
-# images), SSIM and VIFp summed over the two sources, grey images as BT.601 luma in 8 bits.
+# images), SSIM (scikit-image's, as its evaluator calls it) and VIFp summed over the two sources, grey
+# images as BT.601 luma in 8 bits.
 CONVENTIONS: dict[str, dict[str, object]] = {
     "dicomnode": {},
-    "cddfuse": {"mi_unit": "nats", "ssim_combine": "sum", "vif_combine": "sum", "round_fused": True, "round_luma": True},
+    "cddfuse": {"mi_unit": "nats", "ssim_combine": "sum", "ssim_window": "skimage", "vif_combine": "sum",
+                "round_fused": True, "round_luma": True},
 }
 
 
@@ -103,9 +110,10 @@ class _Scoring:
         return self._cache[key]
 
     def ssim_pair(self) -> tuple[float, float]:
+        ssim = structural.ssim if self.options.ssim_window == "gaussian" else structural.ssim_skimage
         return (
-            self.cached("ssim_a", lambda: structural.ssim(self.a, self.f)),
-            self.cached("ssim_b", lambda: structural.ssim(self.b, self.f)),
+            self.cached("ssim_a", lambda: ssim(self.a, self.f)),
+            self.cached("ssim_b", lambda: ssim(self.b, self.f)),
         )
 
     def mse_mean(self) -> float:
@@ -292,7 +300,10 @@ def _score_stack(a: np.ndarray, b: np.ndarray, f: np.ndarray, names: list[str], 
         base = 2.0 if opts.mi_unit == "bits" else float(np.e)
         out["MI"] = joint.mutual_information(a, base) + joint.mutual_information(b, base)
     if {"SSIM", "SSIM_A", "SSIM_B"} & set(names):
-        sa, sb = stack.ssim_stack([a, b], f)
+        if opts.ssim_window == "gaussian":
+            sa, sb = stack.ssim_stack([a, b], f)
+        else:
+            sa, sb = (np.array([structural.ssim_skimage(x[i], f[i]) for i in range(len(f))]) for x in (a, b))
         out["SSIM_A"], out["SSIM_B"] = sa, sb
         out["SSIM"] = (sa + sb) / (2 if opts.ssim_combine == "mean" else 1)
     if "Qabf" in names:

@@ -13,6 +13,14 @@ from scipy import ndimage
 _EPS = 1e-10
 
 
+def ssim_skimage(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM as CDDFuse's evaluator computes it: scikit-image's ``structural_similarity`` with its
+    defaults (7x7 uniform window, sample moments) on 0..255 floats, at data range 2."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(y.astype(np.float64), x.astype(np.float64), data_range=2.0))
+
+
 def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 255.0, sigma: float = 1.5) -> float:
     """Mean SSIM over the valid map: 11x11 Gaussian (sigma 1.5), K1 0.01, K2 0.03, population moments.
 

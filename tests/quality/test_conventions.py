@@ -36,12 +36,31 @@ def test_mi_in_nats_is_bits_times_ln2_and_matches_sklearn():
 def test_ssim_and_vif_summed_are_twice_the_mean():
     a, b, f = _images(seed=4)
     ours = compute_metrics(a, b, f, ["SSIM", "VIF"], vif_combine="mean")
+    summed = compute_metrics(a, b, f, ["SSIM"], ssim_combine="sum")
     cdd = compute_metrics(a, b, f, ["SSIM", "VIF"], **convention_options("cddfuse"))
-    assert cdd["SSIM"] == pytest.approx(2 * ours["SSIM"], rel=1e-12)
+    assert summed["SSIM"] == pytest.approx(2 * ours["SSIM"], rel=1e-12)
     assert cdd["VIF"] == pytest.approx(2 * ours["VIF"], rel=1e-12)
     assert set(CONVENTIONS) == {"dicomnode", "cddfuse"}
     with pytest.raises(MetricInputError, match="unknown conventions"):
         convention_options("matlab")
+
+
+def test_cddfuse_ssim_is_scikit_image_at_data_range_2_summed():
+    """CDDFuse's evaluator: skimage's structural_similarity(F, X) with its defaults on 0..255 floats, where
+    old releases took the float range (-1, 1): data range 2. Not our 11x11 Gaussian SSIM."""
+    from skimage.metrics import structural_similarity
+
+    a, b, f = _images(seed=5)
+    cdd = compute_metrics(a, b, f, ["SSIM"], **convention_options("cddfuse"))["SSIM"]
+    reference = structural_similarity(f, a, data_range=2.0) + structural_similarity(f, b, data_range=2.0)
+    assert cdd == pytest.approx(reference, rel=1e-12)
+    assert cdd != pytest.approx(compute_metrics(a, b, f, ["SSIM"], ssim_combine="sum")["SSIM"], rel=1e-3)
+    # The whole-series path scores the same per slice.
+    from dicomnode.quality.metrics import score_series
+
+    stack = [np.stack([x, x[::-1]]) for x in (a, b, f)]
+    series = score_series(*stack, ("SSIM",), max_slices=0, **convention_options("cddfuse"))
+    assert series.per_slice[0]["SSIM"] == pytest.approx(cdd, rel=1e-12)
 
 
 def test_kept_on_hand_cases():
@@ -84,6 +103,7 @@ def test_metrics_command_conventions_flag(tmp_path):
 
     ours, cdd = run(), run("--conventions", "cddfuse")
     assert cdd["MI"] == pytest.approx(ours["MI"] * math.log(2), rel=1e-6)
-    assert cdd["SSIM"] == pytest.approx(2 * ours["SSIM"], rel=1e-6)
+    assert cdd["SSIM"] == pytest.approx(compute_metrics(a, b, f, ["SSIM"], **convention_options("cddfuse"))["SSIM"],
+                                        rel=1e-6)
     assert cdd["Qabf"] == pytest.approx(ours["Qabf"], rel=1e-9)  # conventions change MI/SSIM/VIF only
     assert ours["Kept"] == pytest.approx(functional_kept(a, b, f))
