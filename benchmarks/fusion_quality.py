@@ -2,10 +2,11 @@
 
 Usage: python benchmarks/fusion_quality.py [--weights models/fusion_net.pt] [--stride 1] [--card]
        python benchmarks/fusion_quality.py --conventions cddfuse   (the table against CDDFuse's published one)
-Scores Qabf, VIF, MI, SSIM, FMI_pixel on luminance (dicomnode.quality.metrics conventions) for
-every validation pair (every ``stride``-th with --stride), prints a markdown table per task and the
-share of the functional image's excess each method keeps, and with --card rewrites the model card
-beside the weights with the table.
+Scores Qabf, VIF, MI, SSIM, FMI_pixel and Kept on luminance (dicomnode.quality.metrics conventions)
+for every validation pair (every ``stride``-th with --stride), prints a markdown table per task, the
+quality target v2 (Kept, domination) and the network against the best baseline per figure with paired
+statistics; with --card it also scores CDDFuse's conventions and rewrites the model card beside the
+weights with all of it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from dicomnode.lab.datasets import load_training_data, split_by_case
-from dicomnode.lab.evaluate import dominated_by, evaluate_methods, markdown_table, wins, write_model_card
+from dicomnode.lab.evaluate import (TARGET_METRICS, against_best_baseline, evaluate_methods, markdown_table,
+                                    paired_table, target_v2, wins, write_model_card)
 from dicomnode.fusion.network import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,27 +56,27 @@ def main() -> None:
     _, val = split_by_case(load_training_data([args.data / t for t in TASKS]))
     val = val[:: args.stride]
     model = load_model(args.weights)
-    metrics = ("Qabf", "VIF", "MI", "SSIM", "FMI_pixel", "Kept")
-    evaluation = evaluate_methods(val, model, metrics=metrics, conventions=args.conventions)
-    table = evaluation.metrics
     if args.conventions == "cddfuse":
+        table = evaluate_methods(val, model, metrics=PUBLISHED, conventions="cddfuse").metrics
         print(f"validation pairs scored: {len(val)} (CDDFuse conventions)\n")
         print(published_table(table))
         return
+    evaluation = evaluate_methods(val, model, metrics=TARGET_METRICS)
+    table, comparisons = evaluation.metrics, against_best_baseline(evaluation)
     print(f"validation pairs scored: {len(val)}\n")
     print(markdown_table(table))
     for task, rows in sorted(table.items()):
-        print(f"{task}: network best on {len(wins(rows))}/{len(metrics)} ({', '.join(wins(rows))}); "
-              f"dominated by: {', '.join(dominated_by(rows)) or 'none'}")
-    print("\nKept: share of the moving image's excess over the fixed one shown where B > A + 25.5 (1 = all):")
-    for task, rows in sorted(evaluation.kept.items()):
-        print(f"{task}: " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
+        print(f"{task}: network best on {len(wins(rows))}/{len(TARGET_METRICS)} ({', '.join(wins(rows))})")
+    print("\nQuality target v2:\n" + "\n".join(target_v2(table)))
+    print("\n" + paired_table(comparisons))
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
     if args.card:
+        published = published_table(evaluate_methods(val, model, metrics=PUBLISHED, conventions="cddfuse").metrics)
+        print(published)
         meta = torch.load(args.weights, map_location="cpu", weights_only=True)["meta"]
         meta["val_pairs_scored"] = len(val)
-        write_model_card(args.weights.parent / "MODEL_CARD.md", meta, table)
+        write_model_card(args.weights.parent / "MODEL_CARD.md", meta, table, comparisons, published)
 
 
 if __name__ == "__main__":

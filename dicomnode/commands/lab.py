@@ -24,7 +24,7 @@ def train_command(args: argparse.Namespace) -> int:
     from dicomnode.fusion.api import resolve_device
     from dicomnode.fusion.network import save_weights
     from dicomnode.lab.datasets import load_training_data, split_by_case
-    from dicomnode.lab.evaluate import evaluate_methods, write_model_card
+    from dicomnode.lab.evaluate import against_best_baseline, evaluate_methods, write_model_card
     from dicomnode.lab.losses import LossWeights
     from dicomnode.lab.training import DEFAULT_DATA, REPO_ROOT, TrainSettings, train
 
@@ -55,8 +55,9 @@ def train_command(args: argparse.Namespace) -> int:
     save_weights(model, weights, meta={k: v for k, v in summary.items() if k != "history"})
     event(log, "train_done", weights=weights, steps=summary["steps_done"], seconds=summary["train_seconds"])
     _, val_set = split_by_case(samples)
-    table = evaluate_methods(val_set, model).metrics if val_set and not getattr(args, "no_eval", False) else None
-    write_model_card(out / "MODEL_CARD.md", summary, table)
+    evaluation = evaluate_methods(val_set, model) if val_set and not getattr(args, "no_eval", False) else None
+    write_model_card(out / "MODEL_CARD.md", summary, evaluation and evaluation.metrics,
+                     evaluation and against_best_baseline(evaluation))
     event(log, "model_card", path=out / "MODEL_CARD.md")
     return 0
 

@@ -62,14 +62,16 @@ def guarded_selection(a: torch.Tensor, b: torch.Tensor, margin: float = 0.1) -> 
     Regions, not pixels: per pixel the source with more local activity (Gaussian-weighted Sobel,
     sigma 5 px) plus a vote for the brighter one, then a majority filter (sigma 5 px), so F copies
     whole neighbourhoods of one source (what FMI_pixel, VIF and Qabf reward). Guard: wherever B is
-    brighter than A by more than ``margin`` (smoothed, sigma 2 px) B is kept, so uptake of the
-    functional image is not dropped for busier anatomy (the metrics alone would drop it).
+    brighter than A by more than ``margin``, smoothed (sigma 2 px) and also pixel by pixel, B is
+    kept, so uptake of the functional image is not dropped for busier anatomy (the metrics alone
+    would drop it). The smoothed guard alone lost small and thin uptake (SPECT's, mostly).
     """
     activity = gaussian_blur(sobel_magnitude(b), 5.0) - gaussian_blur(sobel_magnitude(a), 5.0)
     pick_b = (activity / 0.003 + (b - a) / 0.03 > 0).to(a.dtype)
     regions = (gaussian_blur(pick_b, 5.0) > 0.5).to(a.dtype)
     guard = (gaussian_blur((gaussian_blur(b - a, 2.0) > margin).to(a.dtype), 2.0) > 0.5).to(a.dtype)
-    return torch.maximum(regions, guard)
+    exact = (b - a > margin).to(a.dtype)
+    return torch.maximum(torch.maximum(regions, guard), exact)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

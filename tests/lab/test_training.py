@@ -136,3 +136,16 @@ def test_guarded_selection_prefers_busier_regions_but_keeps_brighter_uptake():
     logit = torch.full_like(a, -5.0)
     terms = fusion_loss(a, a, b, LossWeights(rule=1.0), logit)
     assert float(terms["rule"]) > 0.1 and "rule" not in fusion_loss(a, a, b, LossWeights(), logit)
+
+
+def test_guarded_selection_keeps_thin_uptake_pixel_by_pixel():
+    """A 2-px line of weak uptake (B - A = 0.15 > 0.1) in busy anatomy: the smoothed guard alone dropped it."""
+    from dicomnode.lab.losses import guarded_selection
+
+    a = torch.zeros(1, 1, 96, 96)
+    a[..., ::4, :] = 0.4
+    b = torch.full((1, 1, 96, 96), 0.05)
+    b[..., 20:76, 47:49] = (a[..., 20:76, 47:49] + 0.15).clamp(max=1.0)
+    target = guarded_selection(a, b)
+    assert float(target[..., 20:76, 47:49].min()) == 1.0
+    assert float(target[..., 20:76, 10:30].max()) == 0.0  # the busier anatomy away from the line
