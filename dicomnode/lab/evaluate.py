@@ -30,11 +30,16 @@ NETWORK = "network"
 
 @dataclass
 class Evaluation:
-    """Per task and method: the target metrics' means and per-pair values, and the functional-signal share."""
+    """Per task and method: the target metrics per pair and their means, and the functional-signal share."""
 
-    metrics: dict[str, dict[str, dict[str, float]]]  # {task: {method: {metric: mean over the pairs}}}
-    kept: dict[str, dict[str, float]]  # {task: {method: mean excess_kept, pairs without excess skipped}}
     pairs: dict[str, dict[str, dict[str, list[float]]]]  # {task: {method: {metric: value per pair}}}
+    kept: dict[str, dict[str, float]]  # {task: {method: mean excess_kept, pairs without excess skipped}}
+
+    @property
+    def metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{task: {method: {metric: mean over the pairs, NaN values left out}}}."""
+        return {task: {name: {m: float(np.nanmean(v)) for m, v in by_metric.items()} for name, by_metric in by.items()}
+                for task, by in self.pairs.items()}
 
 
 def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods: tuple[str, ...] = BASELINES,
@@ -62,12 +67,10 @@ def evaluate_methods(samples: list[PairSample], model: FusionNet | None, methods
             scores.setdefault(sample.task, {}).setdefault(name, []).append(values)
             kept.setdefault(sample.task, {}).setdefault(name, []).append(excess_kept(sample.fixed, sample.moving, fused))
     return Evaluation(
-        {task: {name: {m: float(np.nanmean([v[m] for v in rows])) for m in metrics} for name, rows in by.items()}
+        {task: {name: {m: [v[m] for v in rows] for m in metrics} for name, rows in by.items()}
          for task, by in scores.items()},
         {task: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in by.items()}
          for task, by in kept.items()},
-        {task: {name: {m: [v[m] for v in rows] for m in metrics} for name, rows in by.items()}
-         for task, by in scores.items()},
     )
 
 
