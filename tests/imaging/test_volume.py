@@ -253,6 +253,15 @@ def test_nm_without_reconstruction_geometry_is_a_clear_error():
         volume_from_datasets([no_spacing])
 
 
+def test_an_instance_without_rows_or_columns_is_named(tmp_path):
+    """Its shape is read from the header before any slice is decoded: a clear error, not a KeyError."""
+    for key in ("Rows", "Columns"):
+        datasets = _stack(n=4)
+        delattr(datasets[2], key)
+        with pytest.raises(VolumeError, match=f"instance {datasets[2].InstanceNumber} has no {key}"):
+            load_series([_write(datasets, tmp_path / key)])
+
+
 def test_missing_unreadable_and_non_dicom_paths_are_named(tmp_path):
     missing = tmp_path / "nowhere" / "0001.dcm"
     with pytest.raises(VolumeError, match="0001.dcm does not exist"):
